@@ -1,0 +1,35 @@
+"""lit_align: PyTorch Lightning modules for efficient LLM safety alignment.
+
+The public API is importable from here (`from lit_align import DPOModule`); names load lazily
+so that `import lit_align` stays cheap for the command line.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+__version__ = "0.1.0"
+
+# public name -> module that defines it
+_EXPORTS: dict[str, str] = {
+    # models and data
+    "PolicyConfig": "lit_align.models",
+    "LoraArgs": "lit_align.models",
+    "load_causal_lm": "lit_align.models",
+    "load_tokenizer": "lit_align.models",
+    "export_hf": "lit_align.models",
+    "ReRanker": "lit_align.data.rerank",
+    # -- registry: one line per public name --
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'lit_align' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + list(_EXPORTS))

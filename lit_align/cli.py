@@ -1,0 +1,44 @@
+"""The `lit-align` command.
+
+`lit-align fit|validate|test|predict -c configs/X.yaml` runs LightningCLI: `model.class_path`
+chooses the module (DPOModule, ProbeModule, RewardModule, GRPOModule) and `data` configures the
+shared AlignDataModule. Every other subcommand is a plain function in `COMMANDS`, parsed by
+jsonargparse from its signature and docstring (`lit-align build-cod --help`).
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+# name -> "module:function". Each function's signature is its CLI.
+COMMANDS: dict[str, str] = {
+    # -- registry: one line per subcommand --
+}
+
+TRAINER_SUBCOMMANDS = ("fit", "validate", "test", "predict")
+
+
+def _load(target: str):
+    module, func = target.split(":")
+    return getattr(importlib.import_module(module), func)
+
+
+def main(args: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if args is None else args)
+    if argv and argv[0] in COMMANDS:
+        from jsonargparse import auto_cli
+
+        auto_cli(_load(COMMANDS[argv[0]]), args=argv[1:], as_positional=False)
+        return
+    if not argv or argv[0] in ("-h", "--help") or argv[0] in TRAINER_SUBCOMMANDS:
+        from lit_align.lightning_cli import run_lightning_cli
+
+        run_lightning_cli(argv)
+        return
+    known = ", ".join([*TRAINER_SUBCOMMANDS, *COMMANDS])
+    raise SystemExit(f"lit-align: unknown command {argv[0]!r}; choose one of: {known}")
+
+
+if __name__ == "__main__":
+    main()

