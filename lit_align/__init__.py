@@ -20,6 +20,13 @@ _EXPORTS: dict[str, str] = {
     "export_hf": "lit_align.models",
     "ReRanker": "lit_align.data.rerank",
     # -- registry: one line per public name --
+    "HybridProbe": "lit_align.probes.hybrid",
+    "LogisticProbe": "lit_align.probes.hybrid",
+    "MeanDiffProbe": "lit_align.probes.hybrid",
+    "load_probe": "lit_align.probes.hybrid",
+    "ConfidenceReRanker": "lit_align.probes.rerank",
+    "select_features": "lit_align.probes.features",
+    "pairwise_margin_loss": "lit_align.losses.probe",
 }
 
 __all__ = sorted(_EXPORTS)
