@@ -34,7 +34,7 @@ def main(args: list[str] | None = None) -> None:
     if not argv or argv[0] in ("-h", "--help") or argv[0] in TRAINER_SUBCOMMANDS:
         from lit_align.lightning_cli import run_lightning_cli
 
-        run_lightning_cli(argv)
+        run_lightning_cli(argv if args is not None else None)
         return
     known = ", ".join([*TRAINER_SUBCOMMANDS, *COMMANDS])
     raise SystemExit(f"lit-align: unknown command {argv[0]!r}; choose one of: {known}")
