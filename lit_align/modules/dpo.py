@@ -151,8 +151,10 @@ class DPOModule(AlignModule):
         )
         k = out.logits.shape[1]
         labels = input_ids[:, -k + 1 :] if k > 1 else input_ids[:, :0]
-        mask = completion_mask[:, -k + 1 :].to(torch.float32)
-        logits = out.logits[:, :-1].float()
+        logits = out.logits[:, :-1]
+        if logits.dtype in (torch.float16, torch.bfloat16):
+            logits = logits.float()  # log-softmax in half precision loses the small probabilities
+        mask = completion_mask[:, -k + 1 :].to(logits.dtype)
         token_logps = torch.gather(logits, 2, labels.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
         return (token_logps * mask).sum(-1), (out.hidden_states if output_hidden_states else None)
 
