@@ -186,3 +186,8 @@ def export_hf(model, tokenizer, out_dir: str | Path, merge_lora: bool = True) ->
 
 def lora_dict(cfg: PolicyConfig) -> Optional[dict]:
     return asdict(cfg.lora) if cfg.lora is not None else None
+
+
+# Checkpoints store these configs among their hyper-parameters; they hold plain values only,
+# so `torch.load(..., weights_only=True)` may rebuild them.
+torch.serialization.add_safe_globals([PolicyConfig, LoraArgs])
