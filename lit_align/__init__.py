@@ -29,6 +29,13 @@ _EXPORTS: dict[str, str] = {
     "HFGenerator": "lit_align.generation",
     "SamplingConfig": "lit_align.generation",
     # -- registry: one line per public name --
+    "evaluate": "lit_align.eval.evaluate",
+    "PromptSetConfig": "lit_align.eval.prompts",
+    "load_prompt_set": "lit_align.eval.prompts",
+    "RefusalPhraseJudge": "lit_align.eval.judges",
+    "ProbeJudge": "lit_align.eval.judges",
+    "RewardJudge": "lit_align.eval.judges",
+    "LLMJudge": "lit_align.eval.judges",
     "HybridProbe": "lit_align.probes.hybrid",
     "LogisticProbe": "lit_align.probes.hybrid",
     "MeanDiffProbe": "lit_align.probes.hybrid",
@@ -36,6 +43,7 @@ _EXPORTS: dict[str, str] = {
     "ConfidenceReRanker": "lit_align.probes.rerank",
     "select_features": "lit_align.probes.features",
     "pairwise_margin_loss": "lit_align.losses.probe",
+    "ProbeModule": "lit_align.modules.probe",
 }
 
 __all__ = sorted(_EXPORTS)
