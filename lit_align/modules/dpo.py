@@ -185,9 +185,8 @@ class DPOModule(AlignModule):
         """Probe scores (s_c, s_r) from the forward's own hidden states (features detached)."""
         from lit_align.probes.features import select_features
 
-        features = select_features(hidden_states, attention_mask, self.probe.layers).detach()
-        scores = self.probe(features.to(next(self.probe.parameters()).dtype))
-        return scores.chunk(2)
+        features = select_features(hidden_states, attention_mask, self.probe.layers, self.probe.pooling).detach()
+        return self.probe(features).chunk(2)
 
     # ------------------------------------------------------------------ loss
     def compute_loss(self, batch: dict, split: str) -> tuple[Tensor, dict]:
