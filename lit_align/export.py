@@ -1,0 +1,172 @@
+"""`lit-align export`: a Lightning checkpoint to a Hugging Face model directory.
+
+Reads either checkpoint form Lightning writes:
+
+- a full `.ckpt` file (DDP, single device, or FSDP/ModelParallel with full state dicts);
+- a sharded checkpoint directory (ModelParallelStrategy / FSDPStrategy with sharded state):
+  torch.distributed.checkpoint (DCP) shards plus `meta.pt`. Only the exported model's tensors
+  are read from it (DCP loads by key, without a process group), so optimiser state and
+  reference models are never materialised.
+
+The model is rebuilt from the `PolicyConfig` saved in the checkpoint's hyper-parameters
+(`base_model` overrides its location), its weights are replaced by the checkpoint's, and it is
+saved with `save_pretrained`: LoRA merged into the base weights, or as a peft adapter directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from lit_align.models import PolicyConfig, export_hf, load_causal_lm, load_tokenizer
+
+log = logging.getLogger(__name__)
+
+META_FILE = "meta.pt"  # Lightning's metadata file inside a sharded checkpoint directory
+WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
+
+
+# ---------------------------------------------------------------------------- reading checkpoints
+def is_sharded(path: Path) -> bool:
+    return path.is_dir() and (path / META_FILE).is_file()
+
+
+def read_metadata(path: Path) -> dict:
+    """Hyper-parameters etc. Checkpoints are pickles: only export checkpoints you trust."""
+    if is_sharded(path):
+        return torch.load(path / META_FILE, map_location="cpu", weights_only=False)
+    if path.is_file():
+        return torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+    raise FileNotFoundError(f"{path}: neither a .ckpt file nor a sharded checkpoint directory with {META_FILE}")
+
+
+def sharded_keys(path: Path) -> tuple[str, list[str]]:
+    """(top-level key, model parameter names) stored in a DCP directory."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    metadata = FileSystemReader(str(path)).read_metadata()
+    mappings = metadata.planner_data or {}
+    paths = [mappings.get(k, tuple(k.split(".", 1))) for k in metadata.state_dict_metadata]
+    for top in ("state_dict", "model"):  # ModelParallelStrategy, FSDPStrategy
+        names = [p[1] for p in paths if len(p) == 2 and p[0] == top]
+        if names:
+            return top, names
+    raise ValueError(f"{path}: no 'state_dict' or 'model' entries in the sharded checkpoint")
+
+
+def clean(key: str) -> str:
+    for wrapper in WRAPPER_PREFIXES:
+        key = key.replace(wrapper, "")
+    return key
+
+
+def find_prefix(model_keys: list[str], ckpt_keys: list[str], model_attr: Optional[str], path: Path) -> str:
+    """The LightningModule attribute prefix (e.g. "policy.") under which all model keys appear."""
+    ckpt = {clean(k) for k in ckpt_keys}
+    if model_attr is not None:
+        candidates = [model_attr.rstrip(".") + "." if model_attr else ""]
+    else:
+        anchor = max(model_keys, key=len)  # a long, distinctive key (LoRA keys when present)
+        candidates = sorted({k[: len(k) - len(anchor)] for k in ckpt if k.endswith(anchor)})
+    matching = [p for p in candidates if all(p + k in ckpt for k in model_keys)]
+    if len(matching) > 1 and "policy." in matching:
+        matching = ["policy."]
+    if len(matching) == 1:
+        return matching[0]
+    missing = [k for k in model_keys if candidates and candidates[0] + k not in ckpt][:5]
+    raise ValueError(
+        f"{path}: cannot tell which weights to export (prefixes matching the model: {matching or 'none'}; "
+        f"tried {candidates or 'none'}, first missing keys {missing}). Pass --model_attr (e.g. policy)."
+    )
+
+
+def find_policy_config(hparams: dict, path: Path) -> PolicyConfig:
+    """The PolicyConfig in the checkpoint's hyper-parameters (key "policy" preferred)."""
+    found = {k: v for k, v in hparams.items() if _as_policy(v) is not None}
+    if not found:
+        raise ValueError(
+            f"{path}: no PolicyConfig among the saved hyper-parameters {sorted(hparams)}; "
+            "pass --base_model with the model the run started from"
+        )
+    key = "policy" if "policy" in found else sorted(found)[0]
+    return _as_policy(found[key])
+
+
+def _as_policy(value: Any) -> Optional[PolicyConfig]:
+    if isinstance(value, PolicyConfig):
+        return value
+    if dataclasses.is_dataclass(value) and hasattr(value, "name_or_path"):
+        return PolicyConfig(**{f.name: getattr(value, f.name) for f in dataclasses.fields(PolicyConfig)})
+    if isinstance(value, dict) and "name_or_path" in value:
+        names = {f.name for f in dataclasses.fields(PolicyConfig)}
+        return PolicyConfig(**{k: v for k, v in value.items() if k in names})
+    return None
+
+
+def load_weights(path: Path, meta: dict, model_keys: list[str], model_attr: Optional[str]) -> dict[str, torch.Tensor]:
+    """The model's tensors (keys without prefix) from a full or sharded checkpoint."""
+    if not is_sharded(path):
+        state = meta["state_dict"]
+        by_clean = {clean(k): k for k in state}
+        prefix = find_prefix(model_keys, list(state), model_attr, path)
+        return {k: state[by_clean[prefix + k]] for k in model_keys}
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+    from torch.distributed.checkpoint import FileSystemReader
+
+    top, names = sharded_keys(path)
+    by_clean = {clean(k): k for k in names}
+    prefix = find_prefix(model_keys, names, model_attr, path)
+    metadata = FileSystemReader(str(path)).read_metadata()
+    wanted = {}
+    for k in model_keys:
+        stored = by_clean[prefix + k]
+        info = metadata.state_dict_metadata[f"{top}.{stored}"]
+        assert isinstance(info, TensorStorageMetadata), stored
+        wanted[stored] = torch.empty(info.size, dtype=info.properties.dtype)
+    dcp.load({top: wanted}, checkpoint_id=str(path))  # no process group: reads every shard locally
+    return {k: wanted[by_clean[prefix + k]] for k in model_keys}
+
+
+# ---------------------------------------------------------------------------- the command
+def export(
+    checkpoint: str,
+    out_dir: str,
+    merge_lora: bool = True,
+    model_attr: Optional[str] = None,
+    base_model: Optional[str] = None,
+    dtype: Optional[str] = None,
+) -> Path:
+    """Export a Lightning checkpoint (full .ckpt file or sharded directory) to a Hugging Face directory.
+
+    Args:
+        checkpoint: A `.ckpt` file or a sharded checkpoint directory (ModelParallelStrategy / FSDP).
+        out_dir: Where to write the model (`AutoModelForCausalLM.from_pretrained(out_dir)` loads it).
+        merge_lora: Merge a LoRA adapter into the base weights; False writes a peft adapter directory.
+        model_attr: The LightningModule attribute holding the model (e.g. "policy"); found automatically if None.
+        base_model: Load the architecture/tokenizer from here instead of the checkpoint's `policy.name_or_path`.
+        dtype: Save in this dtype (float32, bfloat16, float16) instead of the training dtype.
+    """
+    path = Path(checkpoint)
+    meta = read_metadata(path)
+    cfg = find_policy_config(meta.get("hyper_parameters") or {}, path)
+    if base_model is not None:
+        cfg = dataclasses.replace(cfg, name_or_path=base_model)
+    if dtype is not None:
+        cfg = dataclasses.replace(cfg, dtype=dtype)
+    cfg = dataclasses.replace(cfg, gradient_checkpointing=False)
+    model = load_causal_lm(cfg, with_lora=True)
+    target = model.state_dict()
+    weights = load_weights(path, meta, list(target), model_attr)
+    for key, tensor in weights.items():
+        if tensor.shape != target[key].shape:
+            raise ValueError(f"{path}: {key} has shape {tuple(tensor.shape)}, the model expects {tuple(target[key].shape)}")
+    model.load_state_dict(weights, strict=True)
+    model.eval()
+    out = export_hf(model, load_tokenizer(cfg), out_dir, merge_lora=merge_lora)
+    log.info("Exported %s (%s) to %s", path, "sharded" if is_sharded(path) else "full", out)
+    return out

@@ -1,0 +1,251 @@
+"""Sharding Hugging Face models with FSDP2 inside Lightning's ModelParallelStrategy.
+
+Modules load their models in `configure_model()` and call `shard_model(model, self.device_mesh)`
+there. FSDP2 (`torch.distributed.fsdp.fully_shard`) turns every parameter into a DTensor sharded
+on dim 0 over the data-parallel ranks; a *unit* is a group of parameters all-gathered together
+before its forward and freed after. Units here are:
+
+    one per decoder block            (found generically: `_no_split_modules` or the layers ModuleList)
+    one per block's LoRA adapters    (trainable and frozen parameters never share a unit)
+    the root                         (embeddings, final norm, LM head, whatever is left)
+
+Peak memory per rank is then ~ (all parameters) / world + (the largest unit, gathered).
+
+Also here: `FSDP2Strategy` (ModelParallelStrategy that shards over every process by default),
+`CudaFSDPStrategy` (Lightning's FSDPStrategy with a clear error on CPU), `DecoderBlockWrapPolicy`
+(the same units for FSDP1's auto-wrap) and `gathered_parameters` (full weights for `generate`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass
+from typing import Iterator, Literal, Optional
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+_MP_DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+
+
+@dataclass
+class ShardingConfig:
+    """How `configure_model` shards models under ModelParallelStrategy (ignored otherwise)."""
+
+    reshard_after_forward: bool = True
+    """Free gathered block weights after forward (ZeRO-3); False keeps them until backward (ZeRO-2, faster, more memory)."""
+    mixed_precision: Optional[str] = "auto"
+    """"auto": bf16 compute with fp32 gradient reduction on CUDA, none on CPU; "bf16", "fp16" or None (fp32)."""
+    activation_checkpointing: bool = False
+    """Recompute each decoder block's activations in backward."""
+    reference: Literal["shard", "replicate"] = "shard"
+    """Frozen reference models: shard like the policy, or keep a full copy on every rank."""
+
+
+# Modules save this in hyper-parameters; resuming loads checkpoints with weights_only=True.
+torch.serialization.add_safe_globals([ShardingConfig])
+
+
+# ---------------------------------------------------------------------------- finding blocks
+def unwrap_peft(model: nn.Module) -> nn.Module:
+    """The transformers model inside a peft wrapper (the model itself otherwise)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def decoder_blocks(model: nn.Module) -> list[nn.Module]:
+    """The repeated transformer blocks of a (possibly peft-wrapped) HF model, in order.
+
+    Uses the model's `_no_split_modules` class names when it has them (every HF decoder does);
+    otherwise the longest ModuleList whose items share one class (e.g. `model.model.layers`).
+    """
+    base = unwrap_peft(model)
+    names = set(getattr(base, "_no_split_modules", None) or [])
+    blocks = [m for m in base.modules() if type(m).__name__ in names]
+    if blocks:
+        return blocks
+    lists = [
+        ml for ml in base.modules()
+        if isinstance(ml, nn.ModuleList) and len(ml) > 1 and len({type(m) for m in ml}) == 1
+    ]
+    if not lists:
+        raise ValueError(f"{type(base).__name__}: no repeated decoder blocks found to shard")
+    return list(max(lists, key=len))
+
+
+def trainable_leaves(module: nn.Module) -> list[nn.Module]:
+    """Leaf modules whose parameters all train (LoRA's lora_A / lora_B), when some others are frozen."""
+    params = list(module.parameters())
+    if all(p.requires_grad for p in params) or not any(p.requires_grad for p in params):
+        return []
+    leaves = []
+    for m in module.modules():
+        own = list(m.parameters(recurse=False))
+        if own and not list(m.children()) and all(p.requires_grad for p in own):
+            leaves.append(m)
+    return leaves
+
+
+def mixed_precision_policy(mixed_precision: Optional[str], device: torch.device):
+    """FSDP2 MixedPrecisionPolicy: low-precision params for compute, fp32 gradient reduction."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    if mixed_precision == "auto":
+        mixed_precision = "bf16" if device.type == "cuda" else None
+    if mixed_precision is None:
+        return MixedPrecisionPolicy()
+    if mixed_precision not in _MP_DTYPES:
+        raise ValueError(f"sharding.mixed_precision={mixed_precision!r}: choose auto, bf16, fp16 or null")
+    return MixedPrecisionPolicy(param_dtype=_MP_DTYPES[mixed_precision], reduce_dtype=torch.float32)
+
+
+def data_parallel_mesh(device_mesh):
+    """The 1-D mesh FSDP2 shards over: the "data_parallel" dimension of Lightning's 2-D mesh."""
+    if device_mesh.mesh_dim_names and "data_parallel" in device_mesh.mesh_dim_names:
+        return device_mesh["data_parallel"]
+    return device_mesh
+
+
+# ---------------------------------------------------------------------------- sharding
+def enable_activation_checkpointing(model: nn.Module) -> None:
+    """Recompute block activations in backward: transformers' own switch (non-reentrant)."""
+    base = unwrap_peft(model)
+    if not hasattr(base, "gradient_checkpointing_enable"):
+        raise TypeError(f"{type(base).__name__} has no gradient_checkpointing_enable()")
+    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    base.config.use_cache = False
+
+
+def shard_model(
+    model: nn.Module,
+    device_mesh,
+    *,
+    reshard_after_forward: bool = True,
+    mixed_precision: Optional[str] = "auto",
+    activation_checkpointing: bool = False,
+) -> nn.Module:
+    """Apply FSDP2 `fully_shard` to each decoder block, each block's LoRA adapters, then the root.
+
+    `device_mesh` is Lightning's mesh (`LightningModule.device_mesh`); parameters shard over its
+    "data_parallel" dimension. Returns the same (now sharded, in place) model.
+    """
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = data_parallel_mesh(device_mesh)
+    mp = mixed_precision_policy(mixed_precision, torch.device(mesh.device_type))
+    if activation_checkpointing:
+        enable_activation_checkpointing(model)
+    for block in decoder_blocks(model):
+        adapters = trainable_leaves(block)
+        if adapters:  # one unit for the block's adapters, taken out of the block's unit
+            fully_shard(adapters, mesh=mesh, reshard_after_forward=reshard_after_forward, mp_policy=mp)
+        fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward, mp_policy=mp)
+    fully_shard(model, mesh=mesh, reshard_after_forward=reshard_after_forward, mp_policy=mp)
+    return model
+
+
+def prepare_reference(
+    model: nn.Module,
+    device_mesh=None,
+    *,
+    reference: Literal["shard", "replicate"] = "shard",
+    mixed_precision: Optional[str] = "auto",
+) -> nn.Module:
+    """Freeze a reference model (eval mode, no gradients) and shard or replicate it.
+
+    "shard" splits it like the policy (memory / world); "replicate" keeps a full copy per rank
+    (no communication in its forward; fits when the model is small). Without a mesh it is
+    only frozen.
+    """
+    model.eval()
+    model.requires_grad_(False)
+    if device_mesh is None or reference == "replicate":
+        return model
+    if reference != "shard":
+        raise ValueError(f"sharding.reference={reference!r}: choose shard or replicate")
+    return shard_model(model, device_mesh, reshard_after_forward=True, mixed_precision=mixed_precision)
+
+
+def fsdp_units(model: nn.Module) -> list[nn.Module]:
+    """Every FSDP2-managed module (unit) inside `model`."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return [m for m in model.modules() if isinstance(m, FSDPModule)]
+
+
+@contextlib.contextmanager
+def gathered_parameters(model: nn.Module) -> Iterator[nn.Module]:
+    """Hold the full (unsharded) weights of every FSDP2 unit while the block runs.
+
+    For `generate`: inside, forwards issue no collectives, so ranks may decode different
+    numbers of tokens without hanging. Costs the full model's memory on every rank while held.
+    No-op for a model that is not sharded.
+    """
+    units = fsdp_units(model)
+    for unit in units:
+        unit.set_reshard_after_forward(False, recurse=False)
+        unit.unshard()
+    try:
+        yield model
+    finally:
+        for unit in units:
+            unit.reshard()
+            unit.set_reshard_after_forward(True, recurse=False)
+
+
+# ---------------------------------------------------------------------------- strategies
+from lightning.pytorch.strategies import FSDPStrategy as _FSDPStrategy  # noqa: E402
+from lightning.pytorch.strategies import ModelParallelStrategy as _ModelParallelStrategy  # noqa: E402
+from torch.distributed.fsdp.wrap import ModuleWrapPolicy as _ModuleWrapPolicy  # noqa: E402
+
+
+class FSDP2Strategy(_ModelParallelStrategy):
+    """Lightning's ModelParallelStrategy, sharding over all processes unless told otherwise.
+
+    ModelParallelStrategy's "auto" sizes are tensor-parallel within a node and data-parallel
+    across nodes; lit_align applies FSDP only, so here "auto" data parallelism means every
+    process (num_nodes x devices / tensor_parallel_size) and tensor parallelism defaults to 1.
+    """
+
+    def __init__(self, data_parallel_size="auto", tensor_parallel_size=1, **kwargs):
+        super().__init__(data_parallel_size=data_parallel_size, tensor_parallel_size=tensor_parallel_size, **kwargs)
+
+    def setup_environment(self) -> None:
+        if self._data_parallel_size == "auto" and isinstance(self._tensor_parallel_size, int):
+            world = self.num_nodes * self.num_processes
+            if world % self._tensor_parallel_size:
+                raise ValueError(f"tensor_parallel_size={self._tensor_parallel_size} does not divide {world} processes")
+            self._data_parallel_size = world // self._tensor_parallel_size
+        super().setup_environment()
+
+
+class CudaFSDPStrategy(_FSDPStrategy):
+    """Lightning's FSDPStrategy (FSDP1, CUDA only), failing early with what to use on CPU."""
+
+    def setup_environment(self) -> None:
+        if self.root_device.type != "cuda":
+            raise RuntimeError(
+                f"FSDPStrategy (configs/strategy/fsdp.yaml) shards over CUDA GPUs, but this run is on "
+                f"{self.root_device.type!r}. Use configs/strategy/fsdp2.yaml (ModelParallelStrategy + FSDP2, "
+                "runs on CPU with gloo) or configs/strategy/ddp.yaml instead."
+            )
+        super().setup_environment()
+
+
+class DecoderBlockWrapPolicy(_ModuleWrapPolicy):
+    """FSDP1 auto-wrap policy: a unit per decoder block of every HF model in the LightningModule
+    (classes from `_no_split_modules`), plus a unit per block's trainable leaves (LoRA adapters)
+    when the block also holds frozen weights, as litgpt does."""
+
+    def __init__(self):
+        super().__init__(set())
+
+    def _run_policy(self, root_module, ignored_modules, root_kwargs):
+        targets: list[nn.Module] = []
+        # duplicates (peft wrappers, nested PreTrainedModels) collapse in dict.fromkeys below
+        for hf_model in [m for m in root_module.modules() if hasattr(m, "_no_split_modules")]:
+            for block in decoder_blocks(hf_model):
+                targets += [*trainable_leaves(block), block]
+        return {m: dict(root_kwargs) for m in dict.fromkeys(targets) if m not in ignored_modules}
