@@ -14,6 +14,7 @@ import sys
 # name -> "module:function". Each function's signature is its CLI.
 COMMANDS: dict[str, str] = {
     # -- registry: one line per subcommand --
+    "evaluate": "lit_align.eval.evaluate:evaluate",
     "export": "lit_align.export:export",
     "rerank-candidates": "lit_align.probes.candidates:rerank_candidates",
 }

@@ -1,0 +1,24 @@
+"""Safety evaluation: prompt-set presets, judges, metrics with bootstrap intervals, reports.
+
+`lit-align evaluate` (lit_align.eval.evaluate) ties them together; see docs/evaluation.md.
+"""
+
+from lit_align.eval.judges import Judge, LLMJudge, ProbeJudge, RefusalPhraseJudge, RewardJudge, Verdicts
+from lit_align.eval.metrics import Estimate, bootstrap_ci, estimate, summarize
+from lit_align.eval.prompts import PRESETS, PromptSetConfig, load_prompt_set
+
+__all__ = [
+    "PRESETS",
+    "Estimate",
+    "Judge",
+    "LLMJudge",
+    "ProbeJudge",
+    "PromptSetConfig",
+    "RefusalPhraseJudge",
+    "RewardJudge",
+    "Verdicts",
+    "bootstrap_ci",
+    "estimate",
+    "load_prompt_set",
+    "summarize",
+]

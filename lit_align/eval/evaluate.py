@@ -1,0 +1,281 @@
+"""`lit-align evaluate`: generate responses to safety prompt sets, judge them, write a report.
+
+    lit-align evaluate --config configs/evaluate.yaml
+    lit-align evaluate --models '[smollm2-135m-instruct, runs/dpo/checkpoints/last.ckpt]' \
+        --prompt_sets '[{preset: xstest, path: ../shared/data/xstest_prompts.csv}]'
+
+For every model and prompt set: responses are generated (batched, seeded, greedy by default)
+and cached under `out_dir/generations/` (a re-run with the same settings re-judges without
+regenerating), every judge scores them, and `out_dir` receives report.json, report.md,
+responses.jsonl and PNG plots comparing the models side by side.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import hashlib
+import json
+import logging
+import pickle
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+from tqdm.auto import tqdm
+
+from lit_align.eval.judges import DEFAULT_JUDGE_PROMPT, Judge, LLMJudge, ProbeJudge, RefusalPhraseJudge, RewardJudge
+from lit_align.eval.metrics import summarize, to_jsonable
+from lit_align.eval.prompts import PromptSetConfig, load_prompt_set
+from lit_align.eval.report import write_report
+from lit_align.generation import HFGenerator, SamplingConfig
+from lit_align.models import LoraArgs, PolicyConfig, load_causal_lm, load_tokenizer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class JudgesConfig:
+    """Which judges score the responses."""
+
+    phrases: Optional[str] = "jailbreakbench"
+    """Refusal-phrase list: "jailbreakbench" or "advbench" (see lit_align.eval.judges); null: off."""
+    phrase_match: str = "anywhere"
+    """Match refusal phrases "anywhere" in the response or only at its "start"."""
+    probe: Optional[str] = None
+    """A lit_align probe file; scores each response on a backbone's hidden states."""
+    probe_backbone: Optional[str] = None
+    """Model whose hidden states the probe reads; null: each evaluated model its own (paper A)."""
+    reward: Optional[str] = None
+    """A reward source `package.module:function` with TRL's reward-function shape."""
+    llm_judge: Optional[str] = None
+    """A Hugging Face chat model (directory, hub id or alias) asked whether each response refuses."""
+    llm_judge_prompt: str = DEFAULT_JUDGE_PROMPT
+    """The judge's question, with {prompt} and {response}."""
+    batch_size: int = 8
+    """Batch size of the model-based judges."""
+
+
+# ---------------------------------------------------------------------------- loading models
+def load_for_eval(spec: str, dtype: str = "float32", device: str = "cpu"):
+    """(model, tokenizer) in eval mode from an HF directory / hub id / alias or a `.ckpt`."""
+    if spec.endswith(".ckpt"):
+        model, tokenizer = load_checkpoint_policy(spec, dtype)
+    else:
+        cfg = PolicyConfig(name_or_path=spec, dtype=dtype)
+        model, tokenizer = load_causal_lm(cfg, with_lora=False), load_tokenizer(cfg)
+    return model.to(device).eval(), tokenizer
+
+
+def load_checkpoint_policy(path: str, dtype: Optional[str] = None):
+    """The policy of a lit_align Lightning checkpoint: the model named by its saved
+    `policy` hyper-parameter, with the checkpoint's weights (LoRA merged).
+
+    The file is read with `weights_only=True` (no code runs); only lit_align's config
+    dataclasses are allowed as objects in it."""
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist (sharded directories: run `lit-align export` first)")
+    try:
+        with torch.serialization.safe_globals([PolicyConfig, LoraArgs]):
+            ckpt = torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise ValueError(f"{path}: not loadable with weights_only=True ({str(err).splitlines()[0]})") from err
+    hparams = ckpt.get("hyper_parameters") or {}
+    policy = hparams.get("policy")
+    if isinstance(policy, dict):
+        policy = PolicyConfig(**{k: v for k, v in policy.items() if k in {f.name for f in dataclasses.fields(PolicyConfig)}})
+        if isinstance(policy.lora, dict):
+            policy.lora = LoraArgs(**policy.lora)
+    if not isinstance(policy, PolicyConfig):
+        raise ValueError(f"{path}: hyper-parameters have no `policy` (PolicyConfig); found {sorted(hparams)}")
+    policy = dataclasses.replace(policy, gradient_checkpointing=False, dtype=dtype or policy.dtype)
+    model = load_causal_lm(policy, with_lora=True)
+    state = {k[len("policy.") :]: v for k, v in ckpt["state_dict"].items() if k.startswith("policy.")}
+    if not state:
+        raise ValueError(f"{path}: no `policy.*` weights in the checkpoint's state_dict")
+    result = model.load_state_dict(state, strict=False)
+    frozen = {k[len("policy.") :] for k in ckpt.get("lit_align_frozen_keys", []) if k.startswith("policy.")}
+    missing = [k for k in result.missing_keys if k not in frozen]  # frozen weights are the base model's
+    if missing or result.unexpected_keys:
+        raise ValueError(
+            f"{path}: checkpoint weights do not fit {policy.name_or_path!r} "
+            f"(missing {missing[:3]}, unexpected {result.unexpected_keys[:3]})"
+        )
+    if hasattr(model, "merge_and_unload"):
+        model = model.merge_and_unload()
+    return model, load_tokenizer(policy)
+
+
+def model_label(spec: str) -> str:
+    p = Path(spec)
+    if spec.endswith(".ckpt"):
+        return f"{p.parent.parent.name or p.parent.name}/{p.stem}"
+    return p.name or spec
+
+
+def _device(device: str) -> str:
+    return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+
+
+# ---------------------------------------------------------------------------- generation cache
+def _fingerprint(spec: str, rows: list[dict], sampling: SamplingConfig, seed: int, batch_size: int) -> str:
+    h = hashlib.sha256(json.dumps([spec, dataclasses.asdict(sampling), seed, batch_size]).encode())
+    if Path(spec).exists():
+        for f in sorted(Path(spec).glob("*.safetensors")) if Path(spec).is_dir() else [Path(spec)]:
+            h.update(f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}".encode())
+    h.update(json.dumps([r["prompt"] for r in rows]).encode())
+    return h.hexdigest()[:24]
+
+
+def _generate(generator: HFGenerator, rows, sampling, batch_size, seed, progress, desc, cache: Path, key: str) -> dict:
+    """{"responses", "length_tokens", "truncated"} for `rows`, from `cache` when its key matches.
+
+    Same batching and seeding as `HFGenerator.generate` (batch i uses seed + i); lengths count
+    the generated tokens up to and including the first EOS."""
+    if cache.is_file():
+        stored = json.loads(cache.read_text())
+        if stored.get("fingerprint") == key:
+            log.info("reusing generations %s", cache)
+            return stored
+    out = {"fingerprint": key, "responses": [], "length_tokens": [], "truncated": []}
+    prompts = [r["prompt"] for r in rows]
+    for i, start in enumerate(tqdm(range(0, len(prompts), batch_size), desc=desc, disable=not progress)):
+        ids, mask = generator.encode_prompts(prompts[start : start + batch_size])
+        done = generator.generate_ids(ids, mask, sampling, 1, None if seed is None else seed + i)
+        out["responses"] += done.texts
+        out["length_tokens"] += done.completion_mask.sum(1).tolist()
+        out["truncated"] += done.truncated.tolist()
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache.with_suffix(".tmp")
+    tmp.write_text(json.dumps(out))
+    tmp.replace(cache)
+    return out
+
+
+# ---------------------------------------------------------------------------- judging
+def judge_records(judges: list[Judge], records: list[dict]) -> None:
+    """Add every judge's verdicts to `records` (in place)."""
+    prompts = [r["prompt"] for r in records]
+    responses = [r["response"] for r in records]
+    columns = {k: [r[k] for r in records] for k in ("category", "harmful", "set")}
+    for judge in judges:
+        verdicts = judge(prompts, responses, **columns)
+        for i, record in enumerate(records):
+            record["judges"][judge.name] = {
+                f.name: getattr(verdicts, f.name)[i]
+                for f in dataclasses.fields(verdicts)
+                if getattr(verdicts, f.name) is not None
+            }
+
+
+def build_static_judges(cfg: JudgesConfig, dtype: str, device: str) -> list[Judge]:
+    """Judges that do not depend on the evaluated model."""
+    judges: list[Judge] = []
+    if cfg.phrases:
+        judges.append(RefusalPhraseJudge(cfg.phrases, match=cfg.phrase_match))
+    if cfg.reward:
+        judges.append(RewardJudge(cfg.reward))
+    if cfg.llm_judge:
+        model, tok = load_for_eval(cfg.llm_judge, dtype, device)
+        judges.append(LLMJudge(model, tok, cfg.llm_judge_prompt, batch_size=cfg.batch_size))
+    if cfg.probe and cfg.probe_backbone:
+        model, tok = load_for_eval(cfg.probe_backbone, dtype, device)
+        judges.append(ProbeJudge(cfg.probe, model, tok, batch_size=cfg.batch_size))
+    return judges
+
+
+# ---------------------------------------------------------------------------- the command
+def evaluate(
+    models: list[str],
+    prompt_sets: list[PromptSetConfig],
+    out_dir: str = "runs/evaluate",
+    names: Optional[list[str]] = None,
+    judges: JudgesConfig = JudgesConfig(),  # noqa: B008 (read-only default)
+    sampling: SamplingConfig = SamplingConfig(max_new_tokens=64, temperature=0.0),  # noqa: B008
+    batch_size: int = 16,
+    seed: int = 0,
+    dtype: str = "float32",
+    device: str = "auto",
+    num_resamples: int = 1000,
+    confidence_level: float = 0.95,
+    progress: bool = True,
+) -> dict:
+    """Evaluate the safety of one or more models on refusal / over-refusal prompt sets.
+
+    Args:
+        models: Hugging Face directories, hub ids, the `smollm2-135m-instruct` alias, or lit_align
+            `.ckpt` checkpoints (the policy named by the checkpoint's hyper-parameters). Several
+            models give one side-by-side report.
+        prompt_sets: Prompt sets, e.g. {preset: harmbench, path: ../shared/data/harmbench_behaviors_text_all.csv}.
+        out_dir: Run directory for report.json, report.md, responses.jsonl, plots and cached generations.
+        names: Labels of the models in the report (default: from their paths).
+        judges: Which judges score the responses.
+        sampling: Generation settings (default: greedy, 64 new tokens).
+        batch_size: Prompts per generation batch.
+        seed: Seed of generation (batch i uses seed + i) and of the bootstrap.
+        dtype: Model dtype (float32, bfloat16, float16).
+        device: "auto" (CUDA if available), "cpu", "cuda", ...
+        num_resamples: Bootstrap resamples for the confidence intervals.
+        confidence_level: Level of the intervals.
+        progress: Show progress bars.
+    """
+    if not models:
+        raise ValueError("evaluate: `models` is empty; name at least one model")
+    if not prompt_sets:
+        raise ValueError("evaluate: `prompt_sets` is empty; give at least one, e.g. {preset: xstest, path: ...}")
+    names = list(names) if names else [model_label(m) for m in models]
+    if len(names) != len(models) or len(set(names)) != len(names):
+        raise ValueError(f"evaluate: names {names} must be unique, one per model {models}")
+    labels = [p.label for p in prompt_sets]
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"evaluate: prompt set names {labels} repeat; give each a `name`")
+    device = _device(device)
+    out = Path(out_dir)
+    rows_by_set = {p.label: load_prompt_set(p) for p in prompt_sets}
+    static = build_static_judges(judges, dtype, device)
+
+    records: dict[str, list[dict]] = {}
+    for spec, name in zip(models, names):
+        model, tokenizer = load_for_eval(spec, dtype, device)
+        generator = HFGenerator(model, tokenizer)
+        model_judges = list(static)
+        if judges.probe and not judges.probe_backbone:
+            model_judges.append(ProbeJudge(judges.probe, model, tokenizer, batch_size=judges.batch_size))
+        records[name] = []
+        for set_name, rows in rows_by_set.items():
+            key = _fingerprint(spec, rows, sampling, seed, batch_size)
+            cache = out / "generations" / f"{_safe(name)}__{_safe(set_name)}.json"
+            gen = _generate(generator, rows, sampling, batch_size, seed, progress, f"{name} / {set_name}", cache, key)
+            recs = [
+                {**row, "response": text, "length_tokens": n, "truncated": cut, "judges": {}}
+                for row, text, n, cut in zip(rows, gen["responses"], gen["length_tokens"], gen["truncated"])
+            ]
+            judge_records(model_judges, recs)
+            records[name] += recs
+        del generator, model, model_judges
+        gc.collect()
+
+    kw = dict(num_resamples=num_resamples, level=confidence_level, seed=seed)
+    metrics = {
+        name: {s: summarize([r for r in recs if r["set"] == s], **kw) for s in rows_by_set}
+        for name, recs in records.items()
+    }
+    meta = {
+        "models": dict(zip(names, models)),
+        "prompt_sets": {p.label: f"{p.preset}: {p.path} (n={len(rows_by_set[p.label])})" for p in prompt_sets},
+        "sampling": dataclasses.asdict(sampling),
+        "batch_size": batch_size,
+        "seed": seed,
+        "judges": [j.name for j in static] + (["probe"] if judges.probe and not judges.probe_backbone else []),
+    }
+    paths = write_report(out, metrics, records, meta)
+    log.info("report written to %s", paths["markdown"])
+    print(f"lit-align evaluate: report in {paths['markdown']}")
+    return to_jsonable(metrics)
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
