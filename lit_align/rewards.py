@@ -1,0 +1,304 @@
+"""Reward sources for GRPO: anything shaped like TRL's reward functions.
+
+A reward source is called as `source(prompts, completions, **columns) -> list[float | None]`:
+`prompts` are chat-message lists, `completions` strings, `columns` the dataset's other
+columns as lists (`category`, ...). `None` means "does not apply to this sample"; GRPO then
+leaves the sample out of that source's statistics (see `lit_align.losses.grpo`).
+
+Here:
+* `resolve_reward_source` turns a config entry ("my_pkg.rewards:length_reward", or an
+  already built object such as `ShadowRewardEnsemble`) into a callable and `reward_name`
+  names it for the `rewards/{name}/mean` metric;
+* `score_completions` runs a list of sources into a `[N, K]` tensor, NaN for None, with
+  clear errors for sources that break the contract;
+* `refusal_reward`: a plain keyword function, the example for `configs/grpo_function.yaml`;
+* `SequenceClassifierReward`: a Hugging Face reward model (scalar head) as a source;
+* `CategorizedReward`: route each sample to the source of its own category (SRMIR's
+  categorized strategy for any per-category sources);
+* `ProbeReward`: a paper-A probe reading the policy's own hidden states.
+
+A source that needs the model being trained defines `bind(module)`; GRPOModule calls it
+once the policy is loaded. Sources with weights define `to(device)`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+
+RewardFunc = Callable[..., Sequence[Optional[float]]]
+
+
+# ---------------------------------------------------------------------------- naming and loading
+def resolve_reward_source(spec: str | RewardFunc) -> RewardFunc:
+    """A callable from an import path ("pkg.module:func" or "pkg.module.func") or a callable."""
+    if callable(spec):
+        return spec
+    if not isinstance(spec, str) or not spec:
+        raise TypeError(f"reward source {spec!r}: give an import path 'module:function' or a callable object")
+    module_name, sep, attr = spec.partition(":")
+    if not sep:
+        module_name, _, attr = spec.rpartition(".")
+    if not module_name or not attr:
+        raise ValueError(f"reward source {spec!r}: expected 'package.module:function'")
+    try:
+        target = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as err:
+        raise ValueError(f"reward source {spec!r} could not be imported: {err}") from err
+    if not callable(target):
+        raise TypeError(f"reward source {spec!r} is a {type(target).__name__}, not a function")
+    return target
+
+
+def reward_name(source: RewardFunc) -> str:
+    """The metric name: a `name` attribute, else the function or class name."""
+    name = getattr(source, "name", None)
+    if isinstance(name, str) and name:
+        return name
+    return getattr(source, "__name__", None) or type(source).__name__
+
+
+def unique_names(sources: Sequence[RewardFunc]) -> list[str]:
+    names, seen = [], {}
+    for source in sources:
+        base = reward_name(source)
+        seen[base] = seen.get(base, 0) + 1
+        names.append(base if seen[base] == 1 else f"{base}_{seen[base]}")
+    return names
+
+
+# ---------------------------------------------------------------------------- scoring
+def _as_float(value: Any, name: str, i: int) -> float:
+    if value is None:
+        return math.nan
+    if torch.is_tensor(value):
+        value = value.item()
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"reward source {name!r} returned {value!r} for sample {i}: expected a number or None") from None
+    if math.isnan(out):
+        raise ValueError(f"reward source {name!r} returned NaN for sample {i}; return None for 'does not apply'")
+    return out
+
+
+def score_completions(
+    sources: Sequence[RewardFunc],
+    prompts: list,
+    completions: list[str],
+    columns: Optional[dict[str, list]] = None,
+    names: Optional[list[str]] = None,
+) -> torch.Tensor:
+    """Rewards `[N, K]` (float32, CPU) of every source for every sample, NaN where a source
+    returned None."""
+    columns = columns or {}
+    names = names or unique_names(sources)
+    out = torch.empty(len(completions), len(sources))
+    for k, (source, name) in enumerate(zip(sources, names)):
+        values = source(prompts=prompts, completions=completions, **columns)
+        values = values.tolist() if torch.is_tensor(values) else list(values)
+        if len(values) != len(completions):
+            raise ValueError(
+                f"reward source {name!r} returned {len(values)} rewards for {len(completions)} completions"
+            )
+        out[:, k] = torch.tensor([_as_float(v, name, i) for i, v in enumerate(values)])
+    return out
+
+
+# ---------------------------------------------------------------------------- a plain-function example
+REFUSAL_MARKERS = (
+    "i can't", "i cannot", "i can not", "i won't", "i will not", "i'm sorry", "i am sorry", "sorry, but",
+    "i'm not able", "i am not able", "i'm unable", "i am unable", "i must decline", "i refuse", "as an ai",
+)
+
+
+def refusal_reward(prompts, completions, **columns) -> list[float]:
+    """1.0 when the completion opens with a refusal (a marker in its first 200 characters), else 0.0.
+
+    A verifiable safety reward for sets of harmful prompts. On benign prompts it rewards
+    over-refusal, so combine it with a helpfulness reward there."""
+    return [float(any(m in c[:200].lower().replace("’", "'") for m in REFUSAL_MARKERS)) for c in completions]
+
+
+# ---------------------------------------------------------------------------- model-based sources
+class SequenceClassifierReward:
+    """A Hugging Face sequence-classification reward model: reward = logit 0 of the text
+    "chat-templated prompt + completion + EOS", rendered with the reward model's tokenizer.
+
+    Args:
+        path: Directory or hub id of an `AutoModelForSequenceClassification` with one label.
+        name: Metric name (default: the directory name).
+        batch_size: Texts per forward pass.
+        max_length: Longest text in tokens (the end is kept).
+    """
+
+    def __init__(self, path: str, name: Optional[str] = None, batch_size: int = 16, max_length: int = 1024):
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        self.name = name or Path(path).name
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.model = AutoModelForSequenceClassification.from_pretrained(path).eval().requires_grad_(False)
+        if self.model.config.pad_token_id is None:
+            self.model.config.pad_token_id = self.tokenizer.pad_token_id
+        self.batch_size, self.max_length = batch_size, max_length
+
+    def to(self, device) -> "SequenceClassifierReward":
+        self.model.to(device)
+        return self
+
+    @torch.no_grad()
+    def __call__(self, prompts, completions, **columns) -> list[float]:
+        from lit_align.probes.features import encode_texts
+
+        ids = encode_texts(self.tokenizer, prompts, completions, max_length=self.max_length)
+        device = next(self.model.parameters()).device
+        scores: list[float] = []
+        for start in range(0, len(ids), self.batch_size):
+            rows = ids[start : start + self.batch_size]
+            width = max(len(r) for r in rows)
+            input_ids = torch.full((len(rows), width), self.tokenizer.pad_token_id, dtype=torch.long)
+            mask = torch.zeros_like(input_ids)
+            for i, r in enumerate(rows):
+                input_ids[i, : len(r)], mask[i, : len(r)] = torch.tensor(r), 1
+            logits = self.model(input_ids=input_ids.to(device), attention_mask=mask.to(device)).logits
+            scores += logits[:, 0].float().cpu().tolist()
+        return scores
+
+
+class CategorizedReward:
+    """Score each sample only with the source of its own category (SRMIR "categorized").
+
+    Samples whose category has no source get `fallback`'s score, or None (no reward) when
+    there is no fallback. Each source is called once, on its own samples only.
+
+    Args:
+        sources: category -> reward source (import path or object).
+        fallback: Source for samples with a missing or unknown category (e.g. a linear ensemble).
+        category_column: The column holding each sample's category.
+        name: Metric name.
+    """
+
+    def __init__(
+        self,
+        sources: dict[str, str | RewardFunc],
+        fallback: Optional[str | RewardFunc] = None,
+        category_column: str = "category",
+        name: str = "categorized",
+    ):
+        if not sources:
+            raise ValueError("CategorizedReward needs at least one category source")
+        self.sources = {category: resolve_reward_source(s) for category, s in sources.items()}
+        self.fallback = resolve_reward_source(fallback) if fallback is not None else None
+        self.category_column, self.name = category_column, name
+        self.last_routes: dict[str, int] = {}
+
+    def _all(self) -> list:
+        return [*self.sources.values(), *([self.fallback] if self.fallback is not None else [])]
+
+    def to(self, device) -> "CategorizedReward":
+        for source in self._all():
+            if hasattr(source, "to"):
+                source.to(device)
+        return self
+
+    def bind(self, module) -> None:
+        for source in self._all():
+            if hasattr(source, "bind"):
+                source.bind(module)
+
+    def __call__(self, prompts, completions, **columns) -> list[Optional[float]]:
+        categories = columns.get(self.category_column)
+        if categories is None:
+            raise ValueError(
+                f"CategorizedReward routes on column {self.category_column!r}, which the batch does not have "
+                f"(columns: {sorted(columns)})"
+            )
+        groups: dict[Any, list[int]] = {}
+        for i, category in enumerate(categories):
+            key = category if category in self.sources else None
+            groups.setdefault(key, []).append(i)
+        out: list[Optional[float]] = [None] * len(completions)
+        self.last_routes = {}
+        for key, rows in groups.items():
+            source = self.sources[key] if key is not None else self.fallback
+            self.last_routes[key if key is not None else "<fallback>"] = len(rows)
+            if source is None:
+                continue
+            sub_columns = {c: [v[i] for i in rows] for c, v in columns.items()}
+            values = source(prompts=[prompts[i] for i in rows], completions=[completions[i] for i in rows], **sub_columns)
+            for i, value in zip(rows, values):
+                out[i] = value
+        return out
+
+
+class ProbeReward:
+    """A paper-A probe as a reward: score = probe(hidden states of prompt + completion + EOS).
+
+    The hidden states come from the policy being trained (bound by GRPOModule), read with
+    the layers and pooling the probe was trained on; rendering follows
+    `lit_align.probes.features.encode_texts`, as in probe training.
+
+    Args:
+        probe_path: A probe file saved by `lit_align.probes` (`Probe.save`).
+        sigmoid: Return σ(score) in (0, 1) (the probe's P(safe)) instead of the raw score.
+        batch_size: Texts per forward pass.
+        max_length: Longest text in tokens (the end is kept, where the probe reads).
+        name: Metric name.
+    """
+
+    def __init__(
+        self, probe_path: str, sigmoid: bool = False, batch_size: int = 16, max_length: int = 1024, name: str = "probe"
+    ):
+        self.probe_path, self.sigmoid = probe_path, sigmoid
+        self.batch_size, self.max_length, self.name = batch_size, max_length, name
+        self.model = self.tokenizer = self.probe = None
+
+    def bind(self, module) -> None:
+        """Read hidden states from `module.policy`, tokenised with `module.tokenizer`."""
+        from lit_align.probes import load_probe
+        from lit_align.probes.features import num_hidden_layers
+
+        self.model, self.tokenizer = module.policy, module.tokenizer
+        self.probe = load_probe(
+            self.probe_path,
+            expected_hidden_size=self.model.config.hidden_size,
+            expected_num_layers=num_hidden_layers(self.model),
+        ).eval()
+        self.probe.requires_grad_(False)
+
+    def to(self, device) -> "ProbeReward":
+        if self.probe is not None:
+            self.probe.to(device)
+        return self
+
+    @torch.no_grad()
+    def __call__(self, prompts, completions, **columns) -> list[float]:
+        from lit_align.probes.features import encode_texts, extract_features
+
+        if self.probe is None:
+            raise RuntimeError("ProbeReward is not bound to a model: GRPOModule binds it when the policy is loaded")
+        ids = encode_texts(self.tokenizer, prompts, completions, max_length=self.max_length)
+        features = extract_features(
+            self.model, ids, self.probe.layers, self.probe.pooling, self.batch_size,
+            pad_token_id=self.tokenizer.pad_token_id, progress=False,
+        )
+        scores = self.probe(features.to(self.probe.feature_mean.device))
+        return (torch.sigmoid(scores) if self.sigmoid else scores).float().cpu().tolist()
+
+
+__all__ = [
+    "CategorizedReward",
+    "ProbeReward",
+    "RewardFunc",
+    "SequenceClassifierReward",
+    "refusal_reward",
+    "reward_name",
+    "resolve_reward_source",
+    "score_completions",
+]

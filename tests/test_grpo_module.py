@@ -1,0 +1,187 @@
+"""GRPOModule end to end on the tiny model: the CLI run learns, checkpoints resume exactly,
+micro-batching keeps gradients, configs parse."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+CATEGORIES = ["insult", "privacy_property"]
+
+
+def a_fraction(prompts, completions, **columns):
+    """Verifiable toy reward: the share of characters that are 'a'."""
+    return [c.count("a") / max(len(c), 1) for c in completions]
+
+
+def insult_only(prompts, completions, category, **columns):
+    """Applies to insult prompts only (None elsewhere)."""
+    return [float(len(c)) if cat == "insult" else None for c, cat in zip(completions, category)]
+
+
+@pytest.fixture(scope="module")
+def prompts_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("prompts") / "prompts.jsonl"
+    rows = [{"prompt": f"Tell me about topic number {i}.", "category": CATEGORIES[i % 2]} for i in range(16)]
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    return path
+
+
+def _override(tmp_path: Path, tiny: Path, prompts: Path, steps: int, **model) -> Path:
+    cfg = {
+        "trainer": {
+            "accelerator": "cpu", "max_steps": steps, "default_root_dir": str(tmp_path), "limit_val_batches": 0,
+            "val_check_interval": None, "enable_progress_bar": False,
+            "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(tmp_path)}},
+        },
+        "model": {"init_args": {
+            "policy": {"name_or_path": str(tiny), "lora": None},
+            "reward_funcs": ["test_grpo_module:a_fraction"], "beta": 0.0, "num_generations": 8,
+            "max_completion_length": 16, "export_dir": None, "log_completions_every_n_steps": 4,
+            "optimizer": {"class_path": "torch.optim.AdamW", "init_args": {"lr": 2e-2}}, **model,
+        }},
+        "data": {"path": str(prompts), "format": "generic", "limit": None, "batch_size": 4, "val_fraction": 0.0,
+                 "max_prompt_length": 64},
+    }
+    path = tmp_path / "override.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _metrics(run_dir: Path) -> pd.DataFrame:
+    (csv_path,) = run_dir.glob("lightning_logs/version_*/metrics.csv")
+    return pd.read_csv(csv_path)
+
+
+def test_cli_run_raises_a_verifiable_reward(tiny_model_dir, prompts_file, tmp_path):
+    from lit_align.cli import main
+
+    override = _override(tmp_path, tiny_model_dir, prompts_file, steps=12)
+    main(["fit", "-c", str(ROOT / "configs" / "grpo_function.yaml"), "-c", str(override)])
+    metrics = _metrics(tmp_path)
+    for name in ["reward", "reward_std", "rewards/a_fraction/mean", "rewards/a_fraction/std", "frac_reward_zero_std",
+                 "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean", "completions/mean_length",
+                 "completions/clipped_ratio", "entropy", "loss"]:
+        assert name in metrics.columns, name
+    reward = metrics.dropna(subset=["reward"]).sort_values("step")["reward"].to_numpy()
+    assert len(reward) == 12
+    first, last = reward[:3].mean(), reward[-3:].mean()
+    print(f"mean reward, first 3 steps {first:.3f} -> last 3 steps {last:.3f}")
+    assert last > first + 0.05, (first, last)
+    (table,) = tmp_path.glob("lightning_logs/version_*/completions.csv")
+    rows = pd.read_csv(table)
+    assert list(rows.columns) == ["step", "prompt", "completion", "a_fraction", "advantage"]
+    assert sorted(set(rows["step"])) == [0, 4, 8]
+
+
+def _fit(tiny, prompts, root: Path, steps: int, ckpt_path=None, shuffle=True, **model_args):
+    import lightning as L
+
+    from lit_align import AlignDataModule, GRPOModule, PolicyConfig
+
+    L.seed_everything(0)
+    module = GRPOModule(
+        PolicyConfig(name_or_path=str(tiny), lora=model_args.pop("lora", None)),
+        reward_funcs=[a_fraction, insult_only], num_generations=4, max_completion_length=8,
+        log_completions_every_n_steps=0, optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2), **model_args,
+    )
+    data = AlignDataModule(str(prompts), mode="prompts", batch_size=4, val_fraction=0.0, shuffle=shuffle)
+    trainer = L.Trainer(
+        accelerator="cpu", max_steps=steps, default_root_dir=root, logger=False, enable_progress_bar=False,
+        limit_val_batches=0, enable_model_summary=False,
+    )
+    trainer.fit(module, data, ckpt_path=ckpt_path)
+    return module, trainer
+
+
+def test_resume_from_checkpoint_matches_an_uninterrupted_run(tiny_model_dir, tmp_path):
+    """Checkpoint after one generation batch (4 optimiser steps), resume, and land on the same
+    weights as a run that never stopped. One batch per epoch and no shuffling, so the data
+    order is the same whatever the loader does on resume: this checks the module's state
+    (rollout boundaries, optimiser, per-step sampling seeds), not mid-epoch loader resume."""
+    prompts = tmp_path / "four.jsonl"
+    prompts.write_text("\n".join(json.dumps({"prompt": f"Question {i}?", "category": CATEGORIES[i % 2]}) for i in range(4)))
+    opts = dict(beta=0.04, num_iterations=2, steps_per_generation=2, micro_batch_size=4, reference="copy", shuffle=False)
+    straight, _ = _fit(tiny_model_dir, prompts, tmp_path / "a", steps=8, **opts)
+    _, first = _fit(tiny_model_dir, prompts, tmp_path / "b", steps=4, **opts)
+    assert first.global_step == 4  # 4 optimiser steps = 1 generation batch × 2 iterations × 2 slices
+    (ckpt,) = (tmp_path / "b").glob("checkpoints/*.ckpt")
+    checkpoint = torch.load(ckpt, weights_only=False)
+    assert not any(k.startswith("reference.") for k in checkpoint["state_dict"])  # frozen copy not saved
+    resumed, second = _fit(tiny_model_dir, prompts, tmp_path / "c", steps=8, ckpt_path=ckpt, **opts)
+    assert second.global_step == 8
+    for (name, a), (_, b) in zip(straight.policy.state_dict().items(), resumed.policy.state_dict().items()):
+        torch.testing.assert_close(a, b, msg=name)
+
+
+def test_lora_base_reference_run_logs_kl(tiny_model_dir, prompts_file, tmp_path):
+    from lit_align.models import LoraArgs
+
+    module, trainer = _fit(
+        tiny_model_dir, prompts_file, tmp_path, steps=2, lora=LoraArgs(r=4, alpha=8), beta=0.1, num_iterations=2
+    )
+    assert module.reference is None and module.reference_mode == "lora_base"
+    logged = trainer.logged_metrics
+    assert logged["kl"] >= 0
+    # insult_only applies to half the prompts; its mean is over those only
+    assert logged["rewards/insult_only/mean"] > 0
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo"])
+def test_micro_batches_give_the_same_gradient(tiny_model_dir, loss_type):
+    from lit_align import GRPOModule, PolicyConfig
+    from lit_align.generation import HFGenerator
+
+    module = GRPOModule(PolicyConfig(name_or_path=str(tiny_model_dir)), reward_funcs=[a_fraction], loss_type=loss_type,
+                        num_generations=3, max_completion_length=6, beta=0.05)
+    module.configure_model()
+    ids, mask = HFGenerator(module.policy, module.tokenizer).encode_prompts(["hello", "tell me a joke"])
+    rollout_from = module.sample({"prompt_input_ids": ids, "prompt_attention_mask": mask}, seed=3)
+    from lit_align.modules.grpo import Rollout
+
+    g = torch.Generator().manual_seed(0)
+    rollout = Rollout(rollout_from.prompt_ids, rollout_from.prompt_mask, rollout_from.completion_ids,
+                      rollout_from.completion_mask, torch.randn(6, generator=g))
+    rollout.ref_logps = module.frozen_logps(rollout, "ref")
+    rollout.old_logps = rollout.ref_logps + 0.3 * torch.randn(rollout.ref_logps.shape, generator=g)
+    grads = []
+    for micro in (None, 4):
+        module.micro_batch_size = micro
+        module.policy.zero_grad()
+        stats = module.accumulate_gradients(rollout, num_items=float(rollout.completion_mask.sum()))
+        grads.append([p.grad.clone() for p in module.policy.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
+    assert stats["kl"] >= 0
+
+
+@pytest.mark.parametrize("name", ["grpo_function", "grpo_linear", "grpo_categorized"])
+def test_configs_parse(name, capsys):
+    from lit_align.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "-c", str(ROOT / "configs" / f"{name}.yaml"), "--print_config"])
+    assert exit_info.value.code in (0, None)
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["model"]["class_path"].endswith("GRPOModule")
+    assert printed["data"]["mode"] == "prompts"
+
+
+def test_bad_options_fail_clearly(tiny_model_dir):
+    from lit_align import GRPOModule, PolicyConfig
+
+    policy = PolicyConfig(name_or_path=str(tiny_model_dir))
+    with pytest.raises(ValueError, match="reward_weights has 2 values for 1"):
+        GRPOModule(policy, reward_funcs=[a_fraction], reward_weights=[1.0, 2.0])
+    with pytest.raises(ValueError, match="lora_base' needs model.policy.lora"):
+        GRPOModule(policy, reward_funcs=[a_fraction], reference="lora_base")
+    with pytest.raises(ValueError, match="could not be imported"):
+        GRPOModule(policy, reward_funcs=["no_such_module:reward"])
+    with pytest.raises(ValueError, match="num_generations=1"):
+        GRPOModule(policy, reward_funcs=[a_fraction], num_generations=1)
