@@ -22,7 +22,7 @@ from typing import Any, Optional
 
 import torch
 
-from lit_align.models import PolicyConfig, export_hf, load_causal_lm, load_tokenizer
+from lit_align.models import LoraArgs, PolicyConfig, export_hf, load_causal_lm, load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -44,15 +44,15 @@ def read_metadata(path: Path) -> dict:
     raise FileNotFoundError(f"{path}: neither a .ckpt file nor a sharded checkpoint directory with {META_FILE}")
 
 
-def sharded_keys(path: Path) -> tuple[str, list[str]]:
-    """(top-level key, model parameter names) stored in a DCP directory."""
+def sharded_keys(path: Path) -> tuple[str, dict[str, str]]:
+    """(top-level key, {model parameter name: DCP storage key}) of a DCP directory."""
     from torch.distributed.checkpoint import FileSystemReader
 
     metadata = FileSystemReader(str(path)).read_metadata()
     mappings = metadata.planner_data or {}
-    paths = [mappings.get(k, tuple(k.split(".", 1))) for k in metadata.state_dict_metadata]
+    paths = {key: tuple(mappings.get(key, key.split(".", 1))) for key in metadata.state_dict_metadata}
     for top in ("state_dict", "model"):  # ModelParallelStrategy, FSDPStrategy
-        names = [p[1] for p in paths if len(p) == 2 and p[0] == top]
+        names = {p[1]: key for key, p in paths.items() if len(p) == 2 and p[0] == top}
         if names:
             return top, names
     raise ValueError(f"{path}: no 'state_dict' or 'model' entries in the sharded checkpoint")
@@ -97,39 +97,48 @@ def find_policy_config(hparams: dict, path: Path) -> PolicyConfig:
 
 
 def _as_policy(value: Any) -> Optional[PolicyConfig]:
-    if isinstance(value, PolicyConfig):
-        return value
     if dataclasses.is_dataclass(value) and hasattr(value, "name_or_path"):
-        return PolicyConfig(**{f.name: getattr(value, f.name) for f in dataclasses.fields(PolicyConfig)})
-    if isinstance(value, dict) and "name_or_path" in value:
-        names = {f.name for f in dataclasses.fields(PolicyConfig)}
-        return PolicyConfig(**{k: v for k, v in value.items() if k in names})
-    return None
+        value = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
+    if not (isinstance(value, dict) and "name_or_path" in value):
+        return None  # LightningCLI stores dataclass arguments as plain dicts
+    names = {f.name for f in dataclasses.fields(PolicyConfig)}
+    cfg = PolicyConfig(**{k: v for k, v in value.items() if k in names})
+    if cfg.lora is not None and not isinstance(cfg.lora, LoraArgs):
+        lora = cfg.lora if isinstance(cfg.lora, dict) else dataclasses.asdict(cfg.lora)
+        cfg.lora = LoraArgs(**lora)
+    return cfg
 
 
 def load_weights(path: Path, meta: dict, model_keys: list[str], model_attr: Optional[str]) -> dict[str, torch.Tensor]:
-    """The model's tensors (keys without prefix) from a full or sharded checkpoint."""
+    """The model's tensors (keys without prefix) from a full or sharded checkpoint.
+
+    Lean checkpoints (lit_align's AlignModule drops frozen weights from full checkpoints and
+    lists them under `lit_align_frozen_keys`) give only the trained tensors; the frozen ones
+    stay as loaded from the base model.
+    """
+    frozen = set(meta.get("lit_align_frozen_keys") or [])
     if not is_sharded(path):
         state = meta["state_dict"]
-        by_clean = {clean(k): k for k in state}
-        prefix = find_prefix(model_keys, list(state), model_attr, path)
-        return {k: state[by_clean[prefix + k]] for k in model_keys}
+        names = list(state)
+    else:
+        top, storage_keys = sharded_keys(path)
+        names = list(storage_keys)
+    by_clean = {clean(k): k for k in [*names, *frozen]}
+    prefix = find_prefix(model_keys, list(by_clean), model_attr, path)
+    stored = {k: by_clean[prefix + k] for k in model_keys if by_clean[prefix + k] not in frozen}
+    if not is_sharded(path):
+        return {k: state[name] for k, name in stored.items()}
+
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
     from torch.distributed.checkpoint import FileSystemReader
 
-    top, names = sharded_keys(path)
-    by_clean = {clean(k): k for k in names}
-    prefix = find_prefix(model_keys, names, model_attr, path)
     metadata = FileSystemReader(str(path)).read_metadata()
-    wanted = {}
-    for k in model_keys:
-        stored = by_clean[prefix + k]
-        info = metadata.state_dict_metadata[f"{top}.{stored}"]
-        assert isinstance(info, TensorStorageMetadata), stored
-        wanted[stored] = torch.empty(info.size, dtype=info.properties.dtype)
-    dcp.load({top: wanted}, checkpoint_id=str(path))  # no process group: reads every shard locally
-    return {k: wanted[by_clean[prefix + k]] for k in model_keys}
+    read = {}
+    for name in stored.values():
+        info = metadata.state_dict_metadata[storage_keys[name]]
+        read[name] = torch.empty(info.size, dtype=info.properties.dtype)
+    dcp.load({top: read}, checkpoint_id=str(path))  # no process group: reads every shard locally
+    return {k: read[name] for k, name in stored.items()}
 
 
 # ---------------------------------------------------------------------------- the command
@@ -165,7 +174,7 @@ def export(
     for key, tensor in weights.items():
         if tensor.shape != target[key].shape:
             raise ValueError(f"{path}: {key} has shape {tuple(tensor.shape)}, the model expects {tuple(target[key].shape)}")
-    model.load_state_dict(weights, strict=True)
+    model.load_state_dict(weights, strict=False)  # keys not in `weights` are frozen base weights
     model.eval()
     out = export_hf(model, load_tokenizer(cfg), out_dir, merge_lora=merge_lora)
     log.info("Exported %s (%s) to %s", path, "sharded" if is_sharded(path) else "full", out)

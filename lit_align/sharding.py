@@ -19,9 +19,11 @@ Also here: `FSDP2Strategy` (ModelParallelStrategy that shards over every process
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 from dataclasses import dataclass
-from typing import Iterator, Literal, Optional
+from datetime import timedelta
+from typing import Iterator, Literal, Optional, Union
 
 import torch
 from torch import nn
@@ -196,21 +198,54 @@ def gathered_parameters(model: nn.Module) -> Iterator[nn.Module]:
 
 
 # ---------------------------------------------------------------------------- strategies
+from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout  # noqa: E402
 from lightning.pytorch.strategies import FSDPStrategy as _FSDPStrategy  # noqa: E402
 from lightning.pytorch.strategies import ModelParallelStrategy as _ModelParallelStrategy  # noqa: E402
 from torch.distributed.fsdp.wrap import ModuleWrapPolicy as _ModuleWrapPolicy  # noqa: E402
 
 
 class FSDP2Strategy(_ModelParallelStrategy):
-    """Lightning's ModelParallelStrategy, sharding over all processes unless told otherwise.
+    """Lightning's ModelParallelStrategy with FSDP2 over all processes, plus lit_align's sharding options.
 
     ModelParallelStrategy's "auto" sizes are tensor-parallel within a node and data-parallel
     across nodes; lit_align applies FSDP only, so here "auto" data parallelism means every
     process (num_nodes x devices / tensor_parallel_size) and tensor parallelism defaults to 1.
+    The sharding options reach every module's `configure_model` through `AlignModule.shard_model`.
+
+    Args:
+        data_parallel_size: Processes parameters are sharded over ("auto": all of them).
+        tensor_parallel_size: Kept at 1: lit_align modules do not apply tensor parallelism.
+        save_distributed_checkpoint: True: each rank writes its shards (a checkpoint directory);
+            False: rank 0 gathers one full .ckpt file (needs the whole model in its CPU memory).
+        reshard_after_forward: See ShardingConfig.
+        mixed_precision: See ShardingConfig.
+        activation_checkpointing: See ShardingConfig.
+        reference: See ShardingConfig.
+        process_group_backend: "nccl" on GPUs, "gloo" on CPU by default.
+        timeout: Collective timeout.
     """
 
-    def __init__(self, data_parallel_size="auto", tensor_parallel_size=1, **kwargs):
-        super().__init__(data_parallel_size=data_parallel_size, tensor_parallel_size=tensor_parallel_size, **kwargs)
+    def __init__(
+        self,
+        data_parallel_size: Union[Literal["auto"], int] = "auto",
+        tensor_parallel_size: Union[Literal["auto"], int] = 1,
+        save_distributed_checkpoint: bool = True,
+        reshard_after_forward: bool = True,
+        mixed_precision: Optional[str] = "auto",
+        activation_checkpointing: bool = False,
+        reference: Literal["shard", "replicate"] = "shard",
+        process_group_backend: Optional[str] = None,
+        timeout: Optional[timedelta] = default_pg_timeout,
+    ):
+        super().__init__(
+            data_parallel_size=data_parallel_size,
+            tensor_parallel_size=tensor_parallel_size,
+            save_distributed_checkpoint=save_distributed_checkpoint,
+            process_group_backend=process_group_backend,
+            timeout=timeout,
+        )
+        self.sharding = ShardingConfig(reshard_after_forward, mixed_precision, activation_checkpointing, reference)
+        mixed_precision_policy(mixed_precision, torch.device("cpu"))  # validate the name now
 
     def setup_environment(self) -> None:
         if self._data_parallel_size == "auto" and isinstance(self._tensor_parallel_size, int):
@@ -219,6 +254,33 @@ class FSDP2Strategy(_ModelParallelStrategy):
                 raise ValueError(f"tensor_parallel_size={self._tensor_parallel_size} does not divide {world} processes")
             self._data_parallel_size = world // self._tensor_parallel_size
         super().setup_environment()
+
+
+def strategy_options(strategy) -> dict:
+    """The sharding options a strategy carries (FSDP2Strategy), as keyword arguments."""
+    cfg = getattr(strategy, "sharding", None)
+    return dataclasses.asdict(cfg) if isinstance(cfg, ShardingConfig) else {}
+
+
+def apply_sharding(
+    model: nn.Module,
+    device_mesh,
+    *,
+    reshard_after_forward: bool = True,
+    mixed_precision: Optional[str] = "auto",
+    activation_checkpointing: bool = False,
+    reference: Literal["shard", "replicate"] = "shard",
+) -> nn.Module:
+    """`AlignModule.shard_model`: a frozen model is a reference (`prepare_reference`), others `shard_model`."""
+    if not any(p.requires_grad for p in model.parameters()):
+        return prepare_reference(model, device_mesh, reference=reference, mixed_precision=mixed_precision)
+    return shard_model(
+        model,
+        device_mesh,
+        reshard_after_forward=reshard_after_forward,
+        mixed_precision=mixed_precision,
+        activation_checkpointing=activation_checkpointing,
+    )
 
 
 class CudaFSDPStrategy(_FSDPStrategy):

@@ -1,7 +1,14 @@
-"""Scale-out: FSDP2 through Lightning's ModelParallelStrategy on 2 CPU processes (gloo).
+"""Scale-out through `lit-align fit`: FSDP2 (ModelParallelStrategy) on 2 CPU processes with gloo.
 
-Every multi-process run is a subprocess script under tests/dist_scripts/ with a timeout, so a
-hang fails the test instead of blocking. Pytest itself never joins a process group.
+Every run is a subprocess of the real command line with a timeout, so a hang fails the test
+instead of blocking CI; pytest itself never joins a process group. The runs use the tiny
+model with LoRA, a frozen reference copy and 4 real HH-RLHF pairs, i.e. one global batch per
+step (Lightning reshuffles a distributed run's training sampler every epoch, so only a batch
+holding every row is the *same* global batch in the 1- and 2-process runs):
+
+    1 process,   batch 4, 4 steps                      -> losses, full .ckpt, module export
+    2 processes, batch 2 each, 2 steps                 -> sharded checkpoint directory
+    2 processes, resume from it to 4 steps             -> losses of steps 3-4, final sharded checkpoint
 """
 
 from __future__ import annotations
@@ -14,112 +21,159 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ROOT / "tests" / "dist_scripts"
-TIMEOUT = 240  # seconds per script run; a deadlock fails instead of hanging CI
+TIMEOUT = 300  # seconds per run; a deadlock fails instead of hanging CI
+HH = "hh_rlhf_harmless_base_test.jsonl.gz"
+PROMPT = "Human: tell me a joke."  # the recorder's generation prompt
 
 pytestmark = pytest.mark.distributed
 
 
-def run_script(*args: str, timeout: int = TIMEOUT) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
-               TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
-    env.pop("LOCAL_RANK", None)  # let Lightning's launcher start the processes
+def run(*args: str, timeout: int = TIMEOUT) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(SCRIPTS)]), HF_HUB_OFFLINE="1",
+               HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
+    for var in ("LOCAL_RANK", "RANK", "WORLD_SIZE", "MASTER_PORT"):  # Lightning's launcher starts the ranks
+        env.pop(var, None)
     try:
         proc = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True,
                               timeout=timeout)
     except subprocess.TimeoutExpired as e:
-        pytest.fail(f"{args[0]} did not finish in {timeout}s (hang?)\n{(e.stderr or b'')[-3000:]!s}")
+        stderr = e.stderr.decode() if isinstance(e.stderr, bytes) else (e.stderr or "")
+        pytest.fail(f"{' '.join(args[:4])} did not finish in {timeout}s (a hang?)\n{stderr[-4000:]}")
     if proc.returncode != 0:
         pytest.fail(f"{' '.join(args)} exited {proc.returncode}\n--- stderr ---\n{proc.stderr[-6000:]}")
     return proc
 
 
+def fit(tmp: Path, name: str, overrides: dict, *extra: str) -> dict:
+    config = tmp / f"{name}.yaml"
+    record = tmp / f"{name}.json"
+    overrides["trainer"]["callbacks"] = [
+        {"class_path": "recorder.DistRecorder", "init_args": {"path": str(record)}}
+    ]
+    config.write_text(yaml.safe_dump(overrides))
+    run("-m", "lit_align.cli", "fit", "-c", "configs/dpo_tiny.yaml", "-c", str(tmp / "common.yaml"), *extra,
+        "-c", str(config))
+    return json.loads(record.read_text())
+
+
 @pytest.fixture(scope="module")
-def lora_runs(tiny_model_dir, tmp_path_factory):
-    """The tiny LoRA run on 1 process and on 2 FSDP2 processes."""
-    out = tmp_path_factory.mktemp("fsdp2_lora")
-    script = str(SCRIPTS / "fsdp2_tiny.py")
-    for devices in (1, 2):
-        run_script(script, "--model-dir", str(tiny_model_dir), "--out", str(out), "--devices", str(devices), "--lora")
-    results = {d: json.loads((out / f"result_{d}.json").read_text()) for d in (1, 2)}
-    return out, results
+def dpo_runs(shared_data, tiny_model_dir, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("dpo_fsdp2")
+    common = {
+        "trainer": {"accelerator": "cpu", "limit_val_batches": 0, "val_check_interval": 1.0, "logger": False},
+        "model": {"init_args": {
+            "policy": {"name_or_path": str(tiny_model_dir),
+                       "lora": {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj", "up_proj"]}},
+            "reference": "copy",
+        }},
+        "data": {"path": str(shared_data / HH), "limit": 4, "val_fraction": 0.0},
+    }
+    (tmp / "common.yaml").write_text(yaml.safe_dump(common))
+    fsdp2 = ("-c", "configs/strategy/fsdp2.yaml")
+    one = fit(tmp, "one", {"trainer": {"devices": 1, "max_steps": 4, "default_root_dir": str(tmp / "one")},
+                           "model": {"init_args": {"export_dir": str(tmp / "one_export")}},
+                           "data": {"batch_size": 4}})
+    first = fit(tmp, "two_a", {"trainer": {"devices": 2, "max_steps": 2, "default_root_dir": str(tmp / "two")},
+                               "data": {"batch_size": 2}}, *fsdp2)
+    saved = tmp / "two" / "checkpoints" / "epoch=1-step=2.ckpt"
+    resumed = fit(tmp, "two_b", {"trainer": {"devices": 2, "max_steps": 4, "default_root_dir": str(tmp / "two")},
+                                 "data": {"batch_size": 2}}, *fsdp2, "--ckpt_path", str(saved))
+    final = [p for p in (tmp / "two" / "checkpoints").iterdir() if "step=4" in p.name]
+    return {"tmp": tmp, "one": one, "first": first, "resumed": resumed, "saved": saved, "final": final,
+            "full_ckpt": tmp / "one" / "checkpoints" / "epoch=3-step=4.ckpt", "one_export": tmp / "one_export"}
 
 
-def test_fsdp2_losses_match_one_process(lora_runs):
-    _, results = lora_runs
-    one, two = results[1]["losses"], results[2]["losses"]
-    assert len(one) == len(two) == 4
-    assert results[2]["global_step"] == 4
-    # the weights changed (the loss moved), and both runs moved identically
-    assert abs(one[-1] - one[0]) > 1e-3
-    for a, b in zip(one, two):
+def test_dpo_fsdp2_losses_match_one_process_through_resume(dpo_runs):
+    one, first, resumed = dpo_runs["one"], dpo_runs["first"], dpo_runs["resumed"]
+    assert first["world_size"] == resumed["world_size"] == 2 and one["world_size"] == 1
+    assert resumed["start_step"] == 2 and resumed["global_step"] == 4
+    two = first["losses"] + resumed["losses"]
+    assert len(one["losses"]) == len(two) == 4
+    assert one["losses"][0] - one["losses"][-1] > 1e-3  # training moved the loss
+    # steps 3-4 need the restored LoRA weights *and* AdamW moments to match
+    for a, b in zip(one["losses"], two):
         assert a == pytest.approx(b, abs=1e-5)
 
 
-def test_fsdp2_parameters_are_sharded_in_separate_lora_units(lora_runs):
-    _, results = lora_runs
-    report = results[2]["sharding"]
-    assert report["num_params"] > 0 and report["num_dtensor"] == report["num_params"]
-    assert report["not_half"] == []  # every local shard holds half of dim 0
-    # 2 blocks + 2 adapter groups + root; no unit mixes frozen and trainable parameters
-    assert report["units"] == 5
-    assert report["mixed_units"] == []
+def test_dpo_fsdp2_shards_policy_and_reference(dpo_runs):
+    sharding = dpo_runs["first"]["sharding"]
+    policy, reference = sharding["policy"], sharding["reference"]
+    for report in (policy, reference):
+        assert report["num_dtensor"] == report["num_params"] > 0
+        assert report["not_split_in_world_parts"] == []  # every local shard is half of dim 0
+        assert report["mixed_units"] == []
+    # policy: 2 blocks + 2 blocks' adapter groups + root; the frozen reference: 2 blocks + root
+    assert policy["units"] == 5 and policy["num_trainable"] == 12
+    assert reference["units"] == 3 and reference["num_trainable"] == 0
+    assert dpo_runs["one"]["sharding"]["policy"]["num_dtensor"] == 0
 
 
-def test_sharded_checkpoint_is_a_dcp_directory_and_resume_continues(lora_runs):
-    out, results = lora_runs
-    ckpt = Path(results[2]["checkpoint"])
-    assert ckpt.is_dir() and (ckpt / "meta.pt").is_file()
-    assert len(list(ckpt.glob("*.distcp"))) == 2  # one shard file per rank
-    # steps 3-4 ran after resuming from it, and equal the uninterrupted-equivalent 1-process run
-    assert results[2]["steps_before_save"] == 2
+def test_sharded_checkpoint_is_a_directory_of_shards(dpo_runs):
+    for ckpt in [dpo_runs["saved"], *dpo_runs["final"]]:
+        assert ckpt.is_dir() and (ckpt / "meta.pt").is_file()
+        assert len(list(ckpt.glob("*.distcp"))) == 2  # one file per rank
+    assert len(dpo_runs["final"]) == 1
+    assert dpo_runs["full_ckpt"].is_file()
 
 
-def test_generation_with_gathered_parameters_matches_unsharded(lora_runs):
+def logits(model_dir: Path) -> torch.Tensor:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    with torch.no_grad():
+        return model(torch.arange(3, 40).unsqueeze(0)).logits
+
+
+def test_export_sharded_checkpoint_with_the_cli(dpo_runs, tiny_model_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    out, results = lora_runs
-    model = AutoModelForCausalLM.from_pretrained(out / "final_2").eval()
-    tok = AutoTokenizer.from_pretrained(out / "final_2")
-    prompt = tok("Human: tell me a joke.", return_tensors="pt")
-    expected = model.generate(**prompt, max_new_tokens=4, do_sample=False, pad_token_id=tok.pad_token_id)
-    assert results[2]["generated"] == expected[0].tolist()
+    dest = dpo_runs["tmp"] / "exported_sharded"
+    run("-m", "lit_align.cli", "export", "--checkpoint", str(dpo_runs["final"][0]), "--out_dir", str(dest),
+        timeout=180)
+    exported = logits(dest)
+    # the 2-process weights after resume = the 1-process run's own export, and not the base
+    torch.testing.assert_close(exported, logits(dpo_runs["one_export"]), rtol=0, atol=1e-5)
+    assert (exported - logits(tiny_model_dir)).abs().max() > 1e-3
+    model = AutoModelForCausalLM.from_pretrained(dest).eval()
+    assert not any("lora" in k for k in model.state_dict())
+    # generation under gathered_parameters inside the run (rank 0) = the exported model's
+    tok = AutoTokenizer.from_pretrained(dest)
+    greedy = model.generate(**tok(PROMPT, return_tensors="pt"), max_new_tokens=4, do_sample=False,
+                            pad_token_id=tok.pad_token_id)
+    assert dpo_runs["resumed"]["generated"] == greedy[0].tolist()
 
 
-@pytest.mark.parametrize("devices", [2, 1], ids=["sharded_dir", "full_ckpt"])
-def test_export_checkpoint_loads_with_from_pretrained(lora_runs, devices, tmp_path):
-    from transformers import AutoModelForCausalLM
+def test_export_full_lean_checkpoint(dpo_runs, tmp_path):
+    from lit_align.export import export
 
-    out, results = lora_runs
-    ckpt = out / ("sharded.ckpt" if devices == 2 else "full.ckpt")
-    assert ckpt.is_dir() == (devices == 2)
-    dest = tmp_path / "hf"
-    run_script("-m", "lit_align.cli", "export", "--checkpoint", str(ckpt), "--out_dir", str(dest), timeout=120)
-    exported = AutoModelForCausalLM.from_pretrained(dest).eval()
-    assert not any("lora" in k for k in exported.state_dict())  # merged
-    # the run gathered and saved the same weights itself when it wrote the checkpoint
-    expected = AutoModelForCausalLM.from_pretrained(out / f"saved_{devices}").eval()
-    start = AutoModelForCausalLM.from_pretrained(out / "saved_1").eval()
-    ids = torch.arange(3, 40).unsqueeze(0)
-    with torch.no_grad():
-        torch.testing.assert_close(exported(ids).logits, expected(ids).logits, rtol=0, atol=1e-6)
-        # and the 1- and 2-process runs trained to the same weights
-        torch.testing.assert_close(expected(ids).logits, start(ids).logits, rtol=1e-4, atol=1e-4)
+    ckpt = torch.load(dpo_runs["full_ckpt"], map_location="cpu", weights_only=False)
+    assert ckpt["lit_align_frozen_keys"]  # frozen base and reference weights were left out
+    dest = export(str(dpo_runs["full_ckpt"]), str(tmp_path / "hf"))
+    torch.testing.assert_close(logits(dest), logits(dpo_runs["one_export"]), rtol=0, atol=0)
 
 
-def test_export_as_lora_adapter(lora_runs, tmp_path):
+def test_export_sharded_checkpoint_as_adapter(dpo_runs, tmp_path):
     from peft import AutoPeftModelForCausalLM
-    from transformers import AutoModelForCausalLM
 
-    out, _ = lora_runs
-    dest = tmp_path / "adapter"
-    run_script("-m", "lit_align.cli", "export", "--checkpoint", str(out / "sharded.ckpt"), "--out_dir", str(dest),
-               "--merge_lora", "false", timeout=120)
+    from lit_align.export import export
+
+    dest = export(str(dpo_runs["final"][0]), str(tmp_path / "adapter"), merge_lora=False)
     assert (dest / "adapter_config.json").is_file() and not (dest / "model.safetensors").exists()
-    adapted = AutoPeftModelForCausalLM.from_pretrained(dest).eval()
-    expected = AutoModelForCausalLM.from_pretrained(out / "saved_2").eval()
-    ids = torch.arange(3, 40).unsqueeze(0)
+    model = AutoPeftModelForCausalLM.from_pretrained(dest).eval()
     with torch.no_grad():
-        torch.testing.assert_close(adapted(ids).logits, expected(ids).logits, rtol=0, atol=1e-5)
+        adapted = model(torch.arange(3, 40).unsqueeze(0)).logits
+    torch.testing.assert_close(adapted, logits(dpo_runs["one_export"]), rtol=0, atol=1e-5)
+
+
+def test_export_names_what_is_missing(tmp_path):
+    from lit_align.export import export
+
+    with pytest.raises(FileNotFoundError, match="sharded checkpoint directory"):
+        export(str(tmp_path / "nope.ckpt"), str(tmp_path / "out"))
+    torch.save({"state_dict": {}, "hyper_parameters": {"beta": 0.1}}, tmp_path / "x.ckpt")
+    with pytest.raises(ValueError, match="no PolicyConfig"):
+        export(str(tmp_path / "x.ckpt"), str(tmp_path / "out"))
