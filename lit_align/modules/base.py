@@ -41,13 +41,18 @@ class AlignModule(L.LightningModule):
     sharding_options: dict = {}
 
     def shard_model(self, model: torch.nn.Module) -> torch.nn.Module:
-        """Apply FSDP2 to `model` when the strategy provides a device mesh; no-op otherwise."""
+        """Apply FSDP2 to `model` when the strategy provides a device mesh; no-op otherwise.
+
+        A frozen model (a reference) is sharded or replicated as the strategy's `reference` says.
+        """
         mesh = getattr(self, "_device_mesh", None)
         if mesh is None:
             return model
-        from lit_align.sharding import shard_model
+        from lit_align.sharding import apply_sharding, strategy_options
 
-        return shard_model(model, mesh, **self.sharding_options)
+        # options from the strategy YAML (FSDP2Strategy), overridable per module class
+        options = {**strategy_options(self.trainer.strategy), **self.sharding_options}
+        return apply_sharding(model, mesh, **options)
 
     def parameter_groups(self) -> list[dict]:
         """Trainable parameters for the optimiser; override to add groups with their own settings."""
