@@ -93,6 +93,14 @@ def encode_texts(
 
 
 # ---------------------------------------------------------------------------- extraction
+def _skip_lm_head(model) -> dict:
+    """Ask for logits at one position only: the LM head over every token is wasted work here."""
+    import inspect
+
+    forward = getattr(model, "get_base_model", lambda: model)().forward
+    return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(forward).parameters else {}
+
+
 @torch.no_grad()
 def extract_features(
     model,
@@ -111,6 +119,7 @@ def extract_features(
     was_training = model.training
     model.eval()
     order = sorted(range(len(input_ids)), key=lambda i: -len(input_ids[i]))
+    extra = _skip_lm_head(model)
     chunks: list[Tensor] = []
     try:
         for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=not progress):
@@ -121,7 +130,7 @@ def extract_features(
             for i, r in enumerate(rows):
                 ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
                 mask[i, : len(r)] = 1
-            out = model(input_ids=ids.to(device), attention_mask=mask.to(device), output_hidden_states=True)
+            out = model(input_ids=ids.to(device), attention_mask=mask.to(device), output_hidden_states=True, use_cache=False, **extra)
             chunks.append(select_features(out.hidden_states, mask.to(device), layers, pooling).float().cpu())
     finally:
         model.train(was_training)
