@@ -16,6 +16,7 @@ import lightning as L
 from lightning.pytorch.cli import LightningCLI
 
 from lit_align.data.datamodule import AlignDataModule
+from lit_align.reliability import reliability_callbacks
 
 
 def run_lightning_cli(argv: list[str] | None = None) -> LightningCLI:
@@ -28,4 +29,6 @@ def run_lightning_cli(argv: list[str] | None = None) -> LightningCLI:
         args=argv,
         save_config_kwargs={"overwrite": True},
         auto_configure_optimizers=False,
+        # NaN/inf guard, atomic checkpoint writes, RNG states for exact resume (docs/reliability.md)
+        trainer_defaults={"callbacks": reliability_callbacks()},
     )

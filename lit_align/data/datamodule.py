@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader
 from lit_align.data.collate import Collator, encode_row
 from lit_align.data.formats import FORMATS, MODES, load_rows, load_source, normalize_rows
 from lit_align.data.rerank import ReRanker
+from lit_align.reliability import ResumableDataLoader, ResumableSampler
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +88,8 @@ class AlignDataModule(L.LightningDataModule):
         self.train_set: list[dict] = []
         self.val_set: list[dict] = []
         self.skipped_rows = 0
+        self.train_sampler: Optional[ResumableSampler] = None
+        self._sampler_state: dict = {}  # from a checkpoint, applied when the train loader is built
 
     # ------------------------------------------------------------------ setup
     def _read(self, path: str) -> list[dict]:
@@ -158,12 +161,21 @@ class AlignDataModule(L.LightningDataModule):
                 f"{self.path}: the train split has {len(self.train_set)} rows, fewer than data.batch_size="
                 f"{self.batch_size}; lower the batch size or add data"
             )
-        generator = torch.Generator().manual_seed(self.seed)
-        return DataLoader(
+        # the order is a function of (seed, epoch) and the position is checkpointed: exact resume
+        trainer = self.trainer
+        self.train_sampler = ResumableSampler(
+            self.train_set,
+            num_replicas=trainer.world_size if trainer is not None else 1,
+            rank=trainer.global_rank if trainer is not None else 0,
+            shuffle=self.shuffle,
+            seed=self.seed,
+        )
+        self.train_sampler.load_state_dict(self._sampler_state)
+        self._sampler_state = {}
+        return ResumableDataLoader(
             self.train_set,
             batch_size=self.batch_size,
-            shuffle=self.shuffle,
-            generator=generator,
+            sampler=self.train_sampler,
             collate_fn=self.collator(),
             num_workers=self.num_workers,
             drop_last=False,
@@ -178,15 +190,20 @@ class AlignDataModule(L.LightningDataModule):
         return DataLoader(data, batch_size=self.batch_size, shuffle=False, collate_fn=self.collator(), num_workers=self.num_workers)
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
-        if self.mode == "preference" and self.trainer is not None and self.trainer.training:
-            batch = self.reranker(batch)
+        if self.trainer is not None and self.trainer.training:
+            if self.train_sampler is not None:
+                self.train_sampler.advance(len(batch["index"]))  # trained-on, not merely prefetched
+            if self.mode == "preference":
+                batch = self.reranker(batch)
         return batch
 
     def state_dict(self) -> dict:
-        return {"reranker": self.reranker.state_dict()}
+        sampler = self.train_sampler.state_dict() if self.train_sampler is not None else {}
+        return {"reranker": self.reranker.state_dict(), "train_sampler": sampler}
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.reranker.load_state_dict(state_dict.get("reranker", {}))
+        self._sampler_state = state_dict.get("train_sampler", {})
 
 
 __all__ = ["AlignDataModule", "load_rows"]
