@@ -1,0 +1,134 @@
+"""`lit-align evaluate` end to end on the tiny model: an HF directory and a real DPO checkpoint
+side by side, every judge, real prompt files, cached generations."""
+
+from __future__ import annotations
+
+import json
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from lit_align.cli import main
+from lit_align.data.datamodule import AlignDataModule
+from lit_align.eval.evaluate import load_checkpoint_policy
+from lit_align.models import LoraArgs, PolicyConfig
+from lit_align.modules.dpo import DPOModule
+from lit_align.probes import build_probe, extract_features
+from lit_align.probes.features import encode_texts
+from lit_align.probes.train import fit_probe
+
+
+@pytest.fixture(scope="module")
+def dpo_checkpoint(tiny_model_dir, shared_data, tmp_path_factory):
+    """A LoRA DPO run of two steps; the checkpoint keeps only the adapter (the base is frozen)."""
+    root = tmp_path_factory.mktemp("dpo")
+    policy = PolicyConfig(name_or_path=str(tiny_model_dir), lora=LoraArgs(r=4, alpha=8))
+    module = DPOModule(policy, reference="lora_base", optimizer=lambda p: torch.optim.AdamW(p, lr=5e-2))
+    data = AlignDataModule(
+        str(shared_data / "hh_rlhf_harmless_base_test.jsonl.gz"), format="hh_rlhf", limit=16, batch_size=4,
+        max_prompt_length=64, max_completion_length=32, on_bad_rows="skip",
+    )  # fmt: skip
+    trainer = L.Trainer(
+        accelerator="cpu", max_steps=2, logger=False, enable_progress_bar=False, enable_model_summary=False,
+        default_root_dir=str(root), limit_val_batches=0, num_sanity_val_steps=0,
+        callbacks=[ModelCheckpoint(dirpath=root / "checkpoints", save_last=True)],
+    )  # fmt: skip
+    trainer.fit(module, datamodule=data)
+    return root / "checkpoints" / "last.ckpt"
+
+
+def test_checkpoint_policy_matches_trained_module(dpo_checkpoint, tiny_model_dir):
+    model, tokenizer = load_checkpoint_policy(str(dpo_checkpoint))
+    with torch.serialization.safe_globals([PolicyConfig, LoraArgs]):  # Lightning's own reload
+        module = DPOModule.load_from_checkpoint(dpo_checkpoint, weights_only=True)
+    merged = module.policy.merge_and_unload()
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    changed = 0
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p, merged.get_parameter(name))
+        changed += not torch.equal(p, base.get_parameter(name))
+    assert changed > 0, "two DPO steps with LoRA changed no merged weight"
+    assert tokenizer.chat_template is not None
+
+
+def test_evaluate_two_models_all_judges(dpo_checkpoint, tiny_model_dir, shared_data, tmp_path):
+    # a probe on the tiny model's hidden states, fitted on harmful vs harmless instructions
+    from lit_align.models import load_causal_lm, load_tokenizer
+
+    cfg = PolicyConfig(name_or_path=str(tiny_model_dir))
+    backbone, tokenizer = load_causal_lm(cfg).eval(), load_tokenizer(cfg)
+    harmful = [r["instruction"] for r in json.loads((shared_data / "refusal_direction/harmful_val.json").read_text())[:16]]
+    harmless = [r["instruction"] for r in json.loads((shared_data / "refusal_direction/harmless_val.json").read_text())[:16]]
+    ids = encode_texts(tokenizer, harmful + harmless)
+    features = extract_features(backbone, ids, [1, 2], pad_token_id=tokenizer.pad_token_id, progress=False)
+    probe = build_probe("hybrid", backbone.config.hidden_size, [1, 2])
+    fit_probe(probe, features, labels=torch.tensor([0.0] * 16 + [1.0] * 16), epochs=5)
+    probe_path = probe.save(tmp_path / "probe.safetensors")
+
+    out = tmp_path / "run"
+    args = [
+        "evaluate",
+        f"--models=[{tiny_model_dir}, {dpo_checkpoint}]",
+        "--names=[base, dpo]",
+        "--prompt_sets=["
+        f"{{preset: harmbench, path: {shared_data / 'harmbench_behaviors_text_all.csv'}, limit: 5}}, "
+        f"{{preset: xstest, path: {shared_data / 'xstest_prompts.csv'}, limit: 3}}]",
+        f"--out_dir={out}",
+        "--judges.reward=lit_align.rewards:refusal_reward",
+        f"--judges.llm_judge={tiny_model_dir}",
+        f"--judges.probe={probe_path}",
+        f"--judges.probe_backbone={tiny_model_dir}",
+        "--sampling.max_new_tokens=6",
+        "--batch_size=4",
+        "--num_resamples=100",
+        "--progress=false",
+        "--device=cpu",
+    ]
+    main(args)
+    report = json.loads((out / "report.json").read_text())
+    assert list(report["metrics"]) == ["base", "dpo"]
+    for model in ("base", "dpo"):
+        harm, safe = report["metrics"][model]["harmbench"], report["metrics"][model]["xstest"]
+        assert (harm["n_harmful"], harm["n_safe"], safe["n_harmful"], safe["n_safe"]) == (5, 0, 0, 3)
+        assert set(harm["judges"]) == {"phrases", "reward", "llm", "probe"}
+        assert "refusal_rate" in harm["judges"]["phrases"] and "compliance_rate" in safe["judges"]["llm"]
+        assert "mean_score" in harm["judges"]["reward"] and "mean_confidence" in harm["judges"]["probe"]
+    records = [json.loads(line) for line in (out / "responses.jsonl").read_text().splitlines()]
+    assert len(records) == 2 * (5 + 3)
+    for r in records:
+        assert 1 <= r["length_tokens"] <= 6
+        assert 0.0 <= r["judges"]["llm"]["confidence"] <= 1.0 and 0.0 <= r["judges"]["probe"]["confidence"] <= 1.0
+        # the reward source and the phrase judge read the same text
+        assert r["judges"]["reward"]["score"] in (0.0, 1.0)
+    # hand count of the JSON's refusal rate from the per-response verdicts
+    base_harm = [r for r in records if r["model"] == "base" and r["set"] == "harmbench"]
+    expected = sum(r["judges"]["phrases"]["refused"] for r in base_harm) / 5
+    assert report["metrics"]["base"]["harmbench"]["judges"]["phrases"]["refusal_rate"]["value"] == pytest.approx(expected)
+    md = (out / "report.md").read_text()
+    assert "| metric | base | dpo |" in md
+    assert (out / "bars_harmbench_phrases.png").stat().st_size > 0 and (out / "confidence_hist_probe.png").stat().st_size > 0
+
+    # a second run re-judges the cached generations instead of generating again
+    cached = sorted(out.glob("generations/*.json"))
+    assert len(cached) == 4
+    stamps = [p.stat().st_mtime_ns for p in cached]
+    main(args)
+    assert [p.stat().st_mtime_ns for p in cached] == stamps
+    assert json.loads((out / "report.json").read_text())["metrics"] == report["metrics"]
+
+
+def test_evaluate_rejects_bad_arguments(tiny_model_dir, tmp_path):
+    from lit_align.eval.evaluate import evaluate
+    from lit_align.eval.prompts import PromptSetConfig
+
+    sets = [PromptSetConfig(preset="xstest", path=str(tmp_path / "x.csv"))]
+    with pytest.raises(ValueError, match="models` is empty"):
+        evaluate([], sets)
+    with pytest.raises(ValueError, match="names .* must be unique"):
+        evaluate([str(tiny_model_dir)] * 2, sets)
+    with pytest.raises(FileNotFoundError, match="checkpoint .*missing.ckpt does not exist"):
+        load_checkpoint_policy(str(tmp_path / "missing.ckpt"))
