@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -193,7 +194,7 @@ def cached_features(
         return load_file(str(path))["features"], True
     features = extract_features(model, input_ids, layers, pooling, batch_size, pad_token_id, progress, desc)
     cache.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")  # ranks may extract at the same time
     meta = {"layers": json.dumps(layers), "pooling": pooling, "rows": str(len(input_ids))}
     save_file({"features": features.contiguous()}, str(tmp), metadata=meta)
     tmp.replace(path)
