@@ -54,6 +54,7 @@ _EXPORTS: dict[str, str] = {
     "select_features": "lit_align.probes.features",
     "pairwise_margin_loss": "lit_align.losses.probe",
     "ProbeModule": "lit_align.modules.probe",
+    "ProbeScorer": "lit_align.probes.candidates",
 }
 
 __all__ = sorted(_EXPORTS)
