@@ -24,6 +24,7 @@ from lit_align.data.rerank import ReRanker
 from lit_align.losses.dpo import LOSS_TYPES, dpo_loss
 from lit_align.models import PolicyConfig, cache_root, export_hf, load_causal_lm, load_tokenizer
 from lit_align.modules.base import AlignModule, default_optimizer
+from lit_align.modules.packing import packed_sequence_logps, supports_packing
 from lit_align.modules.refcache import ReferenceCache
 
 log = logging.getLogger(__name__)
@@ -59,6 +60,10 @@ class DPOModule(AlignModule):
         probe_margin: Margin m of the probe's pairwise loss.
         export_dir: Save the trained policy here as a Hugging Face directory when fit ends.
         merge_lora: Export a LoRA policy merged into its base (else as an adapter).
+        packing: Compute log-probs without padding — each pair's prompt once, shared by its chosen
+            and rejected completions through the attention mask (else sequences packed into dense
+            rows) — and the LM head only on completion tokens: the same values for less compute
+            (lit_align.modules.packing). Off, or for models it does not support, the padded forward runs.
         optimizer: Optimiser for the policy, e.g. {class_path: torch.optim.AdamW, init_args: {lr: 5e-7}}.
         lr_scheduler: Optional scheduler, stepped every optimiser step.
     """
@@ -78,6 +83,7 @@ class DPOModule(AlignModule):
         probe_margin: float = 1.0,
         export_dir: Optional[str] = None,
         merge_lora: bool = True,
+        packing: bool = True,
         optimizer: OptimizerCallable = default_optimizer,
         lr_scheduler: Optional[LRSchedulerCallable] = None,
     ):
@@ -98,6 +104,7 @@ class DPOModule(AlignModule):
         self.probe_path, self.co_train_probe = probe_path, co_train_probe
         self.probe_lr, self.probe_weight_decay, self.probe_margin = probe_lr, probe_weight_decay, probe_margin
         self.export_dir, self.merge_lora = export_dir, merge_lora
+        self.packing = packing
         self.optimizer, self.lr_scheduler = optimizer, lr_scheduler
         self.tokenizer = load_tokenizer(policy)
         self.policy = None
@@ -141,6 +148,8 @@ class DPOModule(AlignModule):
         self, model, input_ids: Tensor, attention_mask: Tensor, completion_mask: Tensor, output_hidden_states: bool = False
     ):
         """Summed completion log-probs [N] (and all hidden states when asked) in one forward."""
+        if self.packing and supports_packing(model):
+            return packed_sequence_logps(model, input_ids, attention_mask, completion_mask, output_hidden_states)
         keep = self._logits_to_keep(model, completion_mask)
         out = model(
             input_ids=input_ids,
