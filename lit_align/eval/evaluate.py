@@ -131,27 +131,33 @@ def _fingerprint(spec: str, rows: list[dict], sampling: SamplingConfig, seed: in
 
 
 def _generate(generator: HFGenerator, rows, sampling, batch_size, seed, progress, desc, cache: Path, key: str) -> dict:
-    """{"responses", "length_tokens", "truncated"} for `rows`, from `cache` when its key matches.
+    """{"responses", "length_tokens", "truncated"} for `rows`, resumed from `cache` when its key matches.
 
-    Same batching and seeding as `HFGenerator.generate` (batch i uses seed + i); lengths count
+    Same batching and seeding as `HFGenerator.generate` (batch i uses seed + i); the cache is
+    rewritten after every batch, so an interrupted run continues where it stopped. Lengths count
     the generated tokens up to and including the first EOS."""
+    out = {"fingerprint": key, "responses": [], "length_tokens": [], "truncated": []}
     if cache.is_file():
         stored = json.loads(cache.read_text())
         if stored.get("fingerprint") == key:
-            log.info("reusing generations %s", cache)
-            return stored
-    out = {"fingerprint": key, "responses": [], "length_tokens": [], "truncated": []}
+            out = stored
     prompts = [r["prompt"] for r in rows]
-    for i, start in enumerate(tqdm(range(0, len(prompts), batch_size), desc=desc, disable=not progress)):
-        ids, mask = generator.encode_prompts(prompts[start : start + batch_size])
-        done = generator.generate_ids(ids, mask, sampling, 1, None if seed is None else seed + i)
-        out["responses"] += done.texts
-        out["length_tokens"] += done.completion_mask.sum(1).tolist()
-        out["truncated"] += done.truncated.tolist()
+    starts = range(0, len(prompts), batch_size)
+    done_batches = len(out["responses"]) // batch_size
+    if done_batches:
+        log.info("%s: reusing %d cached responses from %s", desc, len(out["responses"]), cache)
     cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_suffix(".tmp")
-    tmp.write_text(json.dumps(out))
-    tmp.replace(cache)
+    todo = starts[done_batches:] if len(out["responses"]) < len(prompts) else []
+    bar = tqdm(todo, desc=desc, disable=not progress, initial=done_batches, total=len(starts))
+    for i, start in enumerate(bar, start=done_batches):
+        ids, mask = generator.encode_prompts(prompts[start : start + batch_size])
+        batch = generator.generate_ids(ids, mask, sampling, 1, None if seed is None else seed + i)
+        out["responses"] += batch.texts
+        out["length_tokens"] += batch.completion_mask.sum(1).tolist()
+        out["truncated"] += batch.truncated.tolist()
+        tmp = cache.with_suffix(".tmp")
+        tmp.write_text(json.dumps(out))
+        tmp.replace(cache)
     return out
 
 
