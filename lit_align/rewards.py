@@ -240,12 +240,14 @@ class CategorizedReward:
 class ProbeReward:
     """A paper-A probe as a reward: score = probe(hidden states of prompt + completion + EOS).
 
-    The hidden states come from the policy being trained (bound by GRPOModule), read with
-    the layers and pooling the probe was trained on; rendering follows
-    `lit_align.probes.features.encode_texts`, as in probe training.
+    The hidden states come from the policy being trained (bound by GRPOModule), or from its
+    frozen reference with `frozen=True`, read with the layers and pooling the probe was
+    trained on; rendering follows `lit_align.probes.features.encode_texts`, as in probe training.
 
     Args:
         probe_path: A probe file saved by `lit_align.probes` (`Probe.save`).
+        frozen: Read the reference model (the frozen copy, or the LoRA base with adapters
+            disabled) instead of the policy, so the policy cannot move the features it is scored on.
         sigmoid: Return σ(score) in (0, 1) (the probe's P(safe)) instead of the raw score.
         batch_size: Texts per forward pass.
         max_length: Longest text in tokens (the end is kept, where the probe reads).
@@ -253,18 +255,32 @@ class ProbeReward:
     """
 
     def __init__(
-        self, probe_path: str, sigmoid: bool = False, batch_size: int = 16, max_length: int = 1024, name: str = "probe"
+        self,
+        probe_path: str,
+        frozen: bool = False,
+        sigmoid: bool = False,
+        batch_size: int = 16,
+        max_length: int = 1024,
+        name: str = "probe",
     ):
-        self.probe_path, self.sigmoid = probe_path, sigmoid
+        self.probe_path, self.frozen, self.sigmoid = probe_path, frozen, sigmoid
         self.batch_size, self.max_length, self.name = batch_size, max_length, name
         self.model = self.tokenizer = self.probe = None
 
     def bind(self, module) -> None:
-        """Read hidden states from `module.policy`, tokenised with `module.tokenizer`."""
+        """Read hidden states from `module.policy` (or its reference), tokenised with `module.tokenizer`."""
+        from contextlib import nullcontext
+
         from lit_align.probes import load_probe
         from lit_align.probes.features import num_hidden_layers
 
-        self.model, self.tokenizer = module.policy, module.tokenizer
+        self.model, self.tokenizer, self.context = module.policy, module.tokenizer, nullcontext
+        if self.frozen and getattr(module, "reference", None) is not None:
+            self.model = module.reference
+        elif self.frozen and hasattr(module.policy, "disable_adapter"):
+            self.context = module.policy.disable_adapter
+        elif self.frozen:
+            raise ValueError("ProbeReward(frozen=True) needs a reference model: set model.beta > 0 or use LoRA")
         self.probe = load_probe(
             self.probe_path,
             expected_hidden_size=self.model.config.hidden_size,
@@ -284,10 +300,11 @@ class ProbeReward:
         if self.probe is None:
             raise RuntimeError("ProbeReward is not bound to a model: GRPOModule binds it when the policy is loaded")
         ids = encode_texts(self.tokenizer, prompts, completions, max_length=self.max_length)
-        features = extract_features(
-            self.model, ids, self.probe.layers, self.probe.pooling, self.batch_size,
-            pad_token_id=self.tokenizer.pad_token_id, progress=False,
-        )
+        with self.context():
+            features = extract_features(
+                self.model, ids, self.probe.layers, self.probe.pooling, self.batch_size,
+                pad_token_id=self.tokenizer.pad_token_id, progress=False,
+            )
         scores = self.probe(features.to(self.probe.feature_mean.device))
         return (torch.sigmoid(scores) if self.sigmoid else scores).float().cpu().tolist()
 

@@ -80,21 +80,22 @@ def test_cli_run_raises_a_verifiable_reward(tiny_model_dir, prompts_file, tmp_pa
     assert sorted(set(rows["step"])) == [0, 4, 8]
 
 
-def _fit(tiny, prompts, root: Path, steps: int, ckpt_path=None, shuffle=True, **model_args):
+def _fit(tiny, prompts, root: Path, steps: int, ckpt_path=None, shuffle=True, validate=False, batch_size=4, **model_args):
     import lightning as L
 
     from lit_align import AlignDataModule, GRPOModule, PolicyConfig
 
     L.seed_everything(0)
-    module = GRPOModule(
-        PolicyConfig(name_or_path=str(tiny), lora=model_args.pop("lora", None)),
-        reward_funcs=[a_fraction, insult_only], num_generations=4, max_completion_length=8,
-        log_completions_every_n_steps=0, optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2), **model_args,
-    )
-    data = AlignDataModule(str(prompts), mode="prompts", batch_size=4, val_fraction=0.0, shuffle=shuffle)
+    options = dict(reward_funcs=[a_fraction, insult_only], num_generations=4, max_completion_length=8,
+                   log_completions_every_n_steps=0, optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2))
+    options.update(model_args)
+    lora = options.pop("lora", None)
+    module = GRPOModule(PolicyConfig(name_or_path=str(tiny), lora=lora), **options)
+    data = AlignDataModule(str(prompts), mode="prompts", batch_size=batch_size, val_fraction=0.0, shuffle=shuffle,
+                           val_path=str(prompts) if validate else None)
     trainer = L.Trainer(
         accelerator="cpu", max_steps=steps, default_root_dir=root, logger=False, enable_progress_bar=False,
-        limit_val_batches=0, enable_model_summary=False,
+        limit_val_batches=1 if validate else 0, num_sanity_val_steps=0, enable_model_summary=False,
     )
     trainer.fit(module, data, ckpt_path=ckpt_path)
     return module, trainer
@@ -124,13 +125,17 @@ def test_lora_base_reference_run_logs_kl(tiny_model_dir, prompts_file, tmp_path)
     from lit_align.models import LoraArgs
 
     module, trainer = _fit(
-        tiny_model_dir, prompts_file, tmp_path, steps=2, lora=LoraArgs(r=4, alpha=8), beta=0.1, num_iterations=2
+        tiny_model_dir, prompts_file, tmp_path, steps=2, lora=LoraArgs(r=4, alpha=8), beta=0.1, num_iterations=2,
+        validate=True,
     )
     assert module.reference is None and module.reference_mode == "lora_base"
-    logged = trainer.logged_metrics
+    logged = dict(trainer.logged_metrics)
     assert logged["kl"] >= 0
     # insult_only applies to half the prompts; its mean is over those only
     assert logged["rewards/insult_only/mean"] > 0
+    (validated,) = trainer.validate(module, trainer.datamodule)
+    for name in ["eval_reward", "eval_reward_std", "eval_rewards/a_fraction/mean", "eval_completions/mean_length"]:
+        assert name in validated, name
 
 
 @pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo"])
@@ -185,3 +190,17 @@ def test_bad_options_fail_clearly(tiny_model_dir):
         GRPOModule(policy, reward_funcs=["no_such_module:reward"])
     with pytest.raises(ValueError, match="num_generations=1"):
         GRPOModule(policy, reward_funcs=[a_fraction], num_generations=1)
+
+
+@pytest.mark.slow
+def test_smollm2_lora_grpo_steps(prompts_file, tmp_path):
+    """One optimiser step on the real SmolLM2-135M-Instruct with LoRA and KL to its base
+    (2 prompts × 2 completions × 8 tokens: the CPU here is shared)."""
+    from lit_align.models import LoraArgs
+
+    module, trainer = _fit("smollm2-135m-instruct", prompts_file, tmp_path, steps=1, batch_size=2,
+                           lora=LoraArgs(r=8, alpha=16), beta=0.04, num_generations=2)
+    logged = dict(trainer.logged_metrics)
+    assert trainer.global_step == 1
+    assert torch.isfinite(torch.tensor(float(logged["loss"])))
+    assert logged["kl"] >= 0 and 0 < logged["completions/mean_length"] <= 8

@@ -110,6 +110,9 @@ def test_probe_reward_reads_the_policys_hidden_states(tiny_model_dir, tmp_path):
     torch.manual_seed(0)
     probe = HybridProbe(model.config.hidden_size, layers=[1, 2])
     probe.set_feature_stats(torch.randn(16, 2, model.config.hidden_size) * 3)
+    with torch.no_grad():
+        for param in probe.parameters():
+            param.normal_()  # a fresh probe starts at zero; give it something to say
     path = probe.save(tmp_path / "probe.safetensors")
 
     reward = ProbeReward(str(path))
@@ -122,6 +125,23 @@ def test_probe_reward_reads_the_policys_hidden_states(tiny_model_dir, tmp_path):
             hidden = model(input_ids=torch.tensor([ids]), output_hidden_states=True).hidden_states
             expected = probe(torch.stack([hidden[1][:, -1], hidden[2][:, -1]], dim=1))[0].item()
         assert abs(score - expected) < 1e-4
+    assert len(set(round(s, 4) for s in scores)) == len(scores)
+
+    # frozen=True on a LoRA policy reads the base (adapters disabled), not the adapted policy
+    from lit_align.models import LoraArgs, add_lora
+
+    lora_policy = add_lora(AutoModelForCausalLM.from_pretrained(tiny_model_dir), LoraArgs(r=4, alpha=8))
+    with torch.no_grad():
+        for name, param in lora_policy.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5)  # make the adapter change the hidden states
+    policy_like = SimpleNamespace(policy=lora_policy, tokenizer=tokenizer, reference=None)
+    frozen = ProbeReward(str(path), frozen=True)
+    frozen.bind(policy_like)
+    adapted = ProbeReward(str(path))
+    adapted.bind(policy_like)
+    assert frozen(PROMPTS, COMPLETIONS) == pytest.approx(scores, abs=1e-4)
+    assert adapted(PROMPTS, COMPLETIONS) != pytest.approx(scores, abs=1e-3)
 
     wrong = HybridProbe(model.config.hidden_size * 2, layers=[1])
     wrong_path = wrong.save(tmp_path / "wrong.safetensors")
