@@ -11,11 +11,14 @@ Reads either checkpoint form Lightning writes:
 The model is rebuilt from the `PolicyConfig` saved in the checkpoint's hyper-parameters
 (`base_model` overrides its location), its weights are replaced by the checkpoint's, and it is
 saved with `save_pretrained`: LoRA merged into the base weights, or as a peft adapter directory.
+Reward models are rebuilt as their RewardModule and written by its own `export`
+(a sequence-classification directory).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import logging
 from pathlib import Path
 from typing import Any, Optional
@@ -141,6 +144,42 @@ def load_weights(path: Path, meta: dict, model_keys: list[str], model_attr: Opti
     return {k: read[name] for k, name in stored.items()}
 
 
+def check_shapes(path: Path, weights: dict, target: dict) -> None:
+    for key, tensor in weights.items():
+        if tensor.shape != target[key].shape:
+            raise ValueError(f"{path}: {key} has shape {tuple(tensor.shape)}, the model expects {tuple(target[key].shape)}")
+
+
+def export_with_module(path: Path, meta: dict, module_path: str, out_dir: str, overrides: dict) -> Path:
+    """Rebuild the LightningModule from its hyper-parameters, load its weights, call its `export`.
+
+    For modules whose export is more than `save_pretrained` of a causal LM (RewardModule: a
+    sequence-classification head, or a last-token head turned into one).
+    """
+    import importlib
+
+    module_name, _, class_name = module_path.rpartition(".")
+    cls = getattr(importlib.import_module(module_name), class_name)
+    hparams = dict(meta.get("hyper_parameters") or {})
+    params = inspect.signature(cls.__init__).parameters
+    kwargs = {k: (_as_policy(v) or v) for k, v in hparams.items() if k in params}
+    for key, value in kwargs.items():
+        if isinstance(value, PolicyConfig):
+            kwargs[key] = dataclasses.replace(value, gradient_checkpointing=False, **overrides)
+    module = cls(**kwargs)
+    module.configure_model()
+    target = module.state_dict()
+    weights = load_weights(path, meta, list(target), model_attr="")
+    check_shapes(path, weights, target)
+    module.load_state_dict(weights, strict=False)  # keys not in `weights` are frozen base weights
+    module.eval()
+    return Path(module.export(out_dir))
+
+
+# name of the model's config in the hyper-parameters -> the module that knows how to export it
+MODULE_EXPORTERS = {"backbone": "lit_align.modules.reward.RewardModule"}
+
+
 # ---------------------------------------------------------------------------- the command
 def export(
     checkpoint: str,
@@ -149,6 +188,7 @@ def export(
     model_attr: Optional[str] = None,
     base_model: Optional[str] = None,
     dtype: Optional[str] = None,
+    module: Optional[str] = None,
 ) -> Path:
     """Export a Lightning checkpoint (full .ckpt file or sharded directory) to a Hugging Face directory.
 
@@ -159,10 +199,22 @@ def export(
         model_attr: The LightningModule attribute holding the model (e.g. "policy"); found automatically if None.
         base_model: Load the architecture/tokenizer from here instead of the checkpoint's `policy.name_or_path`.
         dtype: Save in this dtype (float32, bfloat16, float16) instead of the training dtype.
+        module: Rebuild this LightningModule class (import path) and call its `export`; by default
+            reward models (a `backbone` hyper-parameter) go through RewardModule, policies are
+            exported directly as causal LMs.
     """
     path = Path(checkpoint)
     meta = read_metadata(path)
-    cfg = find_policy_config(meta.get("hyper_parameters") or {}, path)
+    hparams = meta.get("hyper_parameters") or {}
+    module = module or next((m for key, m in MODULE_EXPORTERS.items() if key in hparams), None)
+    if module is not None:
+        if not merge_lora:
+            raise ValueError(f"{module} exports merged weights only; drop --merge_lora false")
+        overrides = {k: v for k, v in {"name_or_path": base_model, "dtype": dtype}.items() if v is not None}
+        out = export_with_module(path, meta, module, out_dir, overrides)
+        log.info("Exported %s through %s to %s", path, module, out)
+        return out
+    cfg = find_policy_config(hparams, path)
     if base_model is not None:
         cfg = dataclasses.replace(cfg, name_or_path=base_model)
     if dtype is not None:
@@ -171,9 +223,7 @@ def export(
     model = load_causal_lm(cfg, with_lora=True)
     target = model.state_dict()
     weights = load_weights(path, meta, list(target), model_attr)
-    for key, tensor in weights.items():
-        if tensor.shape != target[key].shape:
-            raise ValueError(f"{path}: {key} has shape {tuple(tensor.shape)}, the model expects {tuple(target[key].shape)}")
+    check_shapes(path, weights, target)
     model.load_state_dict(weights, strict=False)  # keys not in `weights` are frozen base weights
     model.eval()
     out = export_hf(model, load_tokenizer(cfg), out_dir, merge_lora=merge_lora)

@@ -7,6 +7,7 @@ before its forward and freed after. Units here are:
 
     one per decoder block            (found generically: `_no_split_modules` or the layers ModuleList)
     one per block's LoRA adapters    (trainable and frozen parameters never share a unit)
+    one for trainable leaves outside the blocks, next to frozen ones (a LoRA reward model's head)
     the root                         (embeddings, final norm, LM head, whatever is left)
 
 Peak memory per rank is then ~ (all parameters) / world + (the largest unit, gathered).
@@ -128,7 +129,8 @@ def shard_model(
     mixed_precision: Optional[str] = "auto",
     activation_checkpointing: bool = False,
 ) -> nn.Module:
-    """Apply FSDP2 `fully_shard` to each decoder block, each block's LoRA adapters, then the root.
+    """Apply FSDP2 `fully_shard` to each decoder block, each block's LoRA adapters, the trainable
+    leaves outside the blocks when the rest is frozen, then the root.
 
     `device_mesh` is Lightning's mesh (`LightningModule.device_mesh`); parameters shard over its
     "data_parallel" dimension. Returns the same (now sharded, in place) model.
@@ -139,11 +141,16 @@ def shard_model(
     mp = mixed_precision_policy(mixed_precision, torch.device(mesh.device_type))
     if activation_checkpointing:
         enable_activation_checkpointing(model)
-    for block in decoder_blocks(model):
+    blocks = decoder_blocks(model)
+    for block in blocks:
         adapters = trainable_leaves(block)
         if adapters:  # one unit for the block's adapters, taken out of the block's unit
             fully_shard(adapters, mesh=mesh, reshard_after_forward=reshard_after_forward, mp_policy=mp)
         fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward, mp_policy=mp)
+    in_blocks = {id(m) for block in blocks for m in block.modules()}
+    outside = [m for m in trainable_leaves(model) if id(m) not in in_blocks]
+    if outside:  # e.g. a trained score head next to frozen embeddings (peft modules_to_save)
+        fully_shard(outside, mesh=mesh, reshard_after_forward=reshard_after_forward, mp_policy=mp)
     fully_shard(model, mesh=mesh, reshard_after_forward=reshard_after_forward, mp_policy=mp)
     return model
 
@@ -186,6 +193,7 @@ def gathered_parameters(model: nn.Module) -> Iterator[nn.Module]:
     No-op for a model that is not sharded.
     """
     units = fsdp_units(model)
+    _init_roots(units)
     for unit in units:
         unit.set_reshard_after_forward(False, recurse=False)
         unit.unshard()
@@ -195,6 +203,20 @@ def gathered_parameters(model: nn.Module) -> Iterator[nn.Module]:
         for unit in units:
             unit.reshard()
             unit.set_reshard_after_forward(True, recurse=False)
+
+
+def _init_roots(units: list[nn.Module]) -> None:
+    """Let the outermost units claim the FSDP root role before any forward.
+
+    FSDP2 picks its root lazily as the first unit whose forward runs. `generate` of a peft
+    model calls the inner transformers model, skipping the root's forward, so without this a
+    decoder block would become a root and the next training forward would fail.
+    """
+    inner: set[int] = set()
+    for unit in units:  # pre-order: an outer unit comes before the units inside it
+        if id(unit) not in inner:
+            unit._get_fsdp_state()._lazy_init()  # no-op once initialised
+        inner.update(id(m) for m in unit.modules() if m is not unit)
 
 
 # ---------------------------------------------------------------------------- strategies
@@ -308,6 +330,9 @@ class DecoderBlockWrapPolicy(_ModuleWrapPolicy):
         targets: list[nn.Module] = []
         # duplicates (peft wrappers, nested PreTrainedModels) collapse in dict.fromkeys below
         for hf_model in [m for m in root_module.modules() if hasattr(m, "_no_split_modules")]:
-            for block in decoder_blocks(hf_model):
+            blocks = decoder_blocks(hf_model)
+            for block in blocks:
                 targets += [*trainable_leaves(block), block]
+            in_blocks = {id(m) for block in blocks for m in block.modules()}
+            targets += [m for m in trainable_leaves(hf_model) if id(m) not in in_blocks]
         return {m: dict(root_kwargs) for m in dict.fromkeys(targets) if m not in ignored_modules}

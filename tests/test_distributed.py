@@ -13,9 +13,6 @@ holding every row is the *same* global batch in the 1- and 2-process runs):
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -23,41 +20,14 @@ import pytest
 import torch
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
-SCRIPTS = ROOT / "tests" / "dist_scripts"
-TIMEOUT = 300  # seconds per run; a deadlock fails instead of hanging CI
+sys.path.insert(0, str(Path(__file__).resolve().parent / "dist_scripts"))
+from harness import FSDP2, ROOT, fit, run  # noqa: E402
+
 HH = "hh_rlhf_harmless_base_test.jsonl.gz"
 PROMPT = "Human: tell me a joke."  # the recorder's generation prompt
+DPO_TINY = str(ROOT / "configs" / "dpo_tiny.yaml")
 
 pytestmark = pytest.mark.distributed
-
-
-def run(*args: str, timeout: int = TIMEOUT) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(SCRIPTS)]), HF_HUB_OFFLINE="1",
-               HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
-    for var in ("LOCAL_RANK", "RANK", "WORLD_SIZE", "MASTER_PORT"):  # Lightning's launcher starts the ranks
-        env.pop(var, None)
-    try:
-        proc = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True,
-                              timeout=timeout)
-    except subprocess.TimeoutExpired as e:
-        stderr = e.stderr.decode() if isinstance(e.stderr, bytes) else (e.stderr or "")
-        pytest.fail(f"{' '.join(args[:4])} did not finish in {timeout}s (a hang?)\n{stderr[-4000:]}")
-    if proc.returncode != 0:
-        pytest.fail(f"{' '.join(args)} exited {proc.returncode}\n--- stderr ---\n{proc.stderr[-6000:]}")
-    return proc
-
-
-def fit(tmp: Path, name: str, overrides: dict, *extra: str) -> dict:
-    config = tmp / f"{name}.yaml"
-    record = tmp / f"{name}.json"
-    overrides["trainer"]["callbacks"] = [
-        {"class_path": "recorder.DistRecorder", "init_args": {"path": str(record)}}
-    ]
-    config.write_text(yaml.safe_dump(overrides))
-    run("-m", "lit_align.cli", "fit", "-c", "configs/dpo_tiny.yaml", "-c", str(tmp / "common.yaml"), *extra,
-        "-c", str(config))
-    return json.loads(record.read_text())
 
 
 @pytest.fixture(scope="module")
@@ -73,15 +43,15 @@ def dpo_runs(shared_data, tiny_model_dir, tmp_path_factory):
         "data": {"path": str(shared_data / HH), "limit": 4, "val_fraction": 0.0},
     }
     (tmp / "common.yaml").write_text(yaml.safe_dump(common))
-    fsdp2 = ("-c", "configs/strategy/fsdp2.yaml")
-    one = fit(tmp, "one", {"trainer": {"devices": 1, "max_steps": 4, "default_root_dir": str(tmp / "one")},
-                           "model": {"init_args": {"export_dir": str(tmp / "one_export")}},
-                           "data": {"batch_size": 4}})
-    first = fit(tmp, "two_a", {"trainer": {"devices": 2, "max_steps": 2, "default_root_dir": str(tmp / "two")},
-                               "data": {"batch_size": 2}}, *fsdp2)
+    base = [DPO_TINY, tmp / "common.yaml"]
+    one = fit(tmp, "one", base, {"trainer": {"devices": 1, "max_steps": 4, "default_root_dir": str(tmp / "one")},
+                                 "model": {"init_args": {"export_dir": str(tmp / "one_export")}},
+                                 "data": {"batch_size": 4}})
+    two = {"devices": 2, "default_root_dir": str(tmp / "two")}
+    first = fit(tmp, "two_a", [*base, FSDP2], {"trainer": {**two, "max_steps": 2}, "data": {"batch_size": 2}})
     saved = tmp / "two" / "checkpoints" / "epoch=1-step=2.ckpt"
-    resumed = fit(tmp, "two_b", {"trainer": {"devices": 2, "max_steps": 4, "default_root_dir": str(tmp / "two")},
-                                 "data": {"batch_size": 2}}, *fsdp2, "--ckpt_path", str(saved))
+    resumed = fit(tmp, "two_b", [*base, FSDP2], {"trainer": {**two, "max_steps": 4}, "data": {"batch_size": 2}},
+                  extra=("--ckpt_path", str(saved)))
     final = [p for p in (tmp / "two" / "checkpoints").iterdir() if "step=4" in p.name]
     return {"tmp": tmp, "one": one, "first": first, "resumed": resumed, "saved": saved, "final": final,
             "full_ckpt": tmp / "one" / "checkpoints" / "epoch=3-step=4.ckpt", "one_export": tmp / "one_export"}
@@ -105,6 +75,7 @@ def test_dpo_fsdp2_shards_policy_and_reference(dpo_runs):
     for report in (policy, reference):
         assert report["num_dtensor"] == report["num_params"] > 0
         assert report["not_split_in_world_parts"] == []  # every local shard is half of dim 0
+        assert report["uneven_dim0"] == []
         assert report["mixed_units"] == []
     # policy: 2 blocks + 2 blocks' adapter groups + root; the frozen reference: 2 blocks + root
     assert policy["units"] == 5 and policy["num_trainable"] == 12

@@ -3,9 +3,9 @@
 It records, on every rank and written by rank 0 to `path` (JSON):
 - `losses`: each step's loss averaged over ranks (each rank's mean over an equal share of the
   global batch, so this is the global-batch loss a 1-process run computes);
-- `sharding`: for every model attribute (policy, reference) whether all parameters are DTensors
-  whose local shard holds 1/world of dim 0, and whether any FSDP unit mixes frozen and
-  trainable parameters;
+- `sharding`: for every model attribute (policy, reference, model) whether all parameters are
+  DTensors whose local shard holds 1/world of dim 0 (when dim 0 divides by the world size),
+  and whether any FSDP unit mixes frozen and trainable parameters;
 - `generated`: greedy tokens from the trained policy under `gathered_parameters`, each rank
   decoding a different number of tokens (a sharded forward would deadlock on that).
 """
@@ -37,8 +37,10 @@ class DistRecorder(L.Callback):
         }
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
-        self.result["losses"].append(float(pl_module.all_gather(loss.detach()).mean()))
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        if loss is None:  # manual optimisation (GRPO) returns nothing: take the logged loss
+            loss = trainer.callback_metrics["loss"]
+        self.result["losses"].append(float(pl_module.all_gather(loss.detach().float()).mean()))
 
     def on_train_end(self, trainer, pl_module):
         from lit_align.sharding import gathered_parameters
@@ -65,8 +67,9 @@ def sharding_report(model: torch.nn.Module, world: int) -> dict:
 
     params = dict(model.named_parameters())
     dtensors = {n: p for n, p in params.items() if isinstance(p, DTensor)}
+    even = {n: p for n, p in dtensors.items() if p.shape[0] % world == 0}
     not_split = [
-        n for n, p in dtensors.items()
+        n for n, p in even.items()
         if p.to_local().shape[0] * world != p.shape[0] or p.to_local().shape[1:] != p.shape[1:]
     ]
     # a unit is one FSDP state; fully_shard([a, b]) gives a and b the same state
@@ -84,6 +87,7 @@ def sharding_report(model: torch.nn.Module, world: int) -> dict:
         "num_dtensor": len(dtensors),
         "num_trainable": sum(p.requires_grad for p in params.values()),
         "not_split_in_world_parts": not_split,
+        "uneven_dim0": sorted(set(dtensors) - set(even)),  # e.g. a [1, h] score head: FSDP2 pads it
         "units": len(groups),
         "mixed_units": mixed,
     }
