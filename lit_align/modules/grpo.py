@@ -34,6 +34,7 @@ from lit_align.losses.grpo import LOSS_TYPES, compute_advantages, grpo_loss, nan
 from lit_align.models import PolicyConfig, export_hf, load_causal_lm, load_tokenizer, resolve_name
 from lit_align.modules.base import AlignModule, default_optimizer
 from lit_align.rewards import resolve_reward_source, score_completions, unique_names
+from lit_align.sharding import gathered_parameters
 
 log = logging.getLogger(__name__)
 
@@ -210,15 +211,11 @@ class GRPOModule(AlignModule):
             self.generator = VLLMGenerator(resolve_name(self.policy_config.name_or_path), self.tokenizer, **self.vllm_kwargs)
 
     def on_fit_start(self) -> None:
-        self._move_reward_sources()
-
-    def on_validation_start(self) -> None:
-        self._move_reward_sources()
-
-    def _move_reward_sources(self) -> None:
-        for source in self.reward_funcs:
+        for source in self.reward_funcs:  # reward models follow the policy's device
             if hasattr(source, "to"):
                 source.to(self.device)
+
+    on_validation_start = on_fit_start
 
     def parameter_groups(self) -> list[dict]:
         return [{"params": [p for p in self.policy.parameters() if p.requires_grad]}]
@@ -256,9 +253,11 @@ class GRPOModule(AlignModule):
         if self.generator is None:
             self.generator = HFGenerator(self.policy, self.tokenizer)
         self.generator.sync_weights(self.policy)
-        return self.generator.generate_ids(
-            batch["prompt_input_ids"], batch["prompt_attention_mask"], self.sampling, self.num_generations, seed
-        )
+        # FSDP2: hold the full weights so ranks may stop decoding at different lengths (no-op unsharded)
+        with gathered_parameters(self.policy):
+            return self.generator.generate_ids(
+                batch["prompt_input_ids"], batch["prompt_attention_mask"], self.sampling, self.num_generations, seed
+            )
 
     def score(self, batch: dict, completions: list[str]) -> Tensor:
         """Rewards `[B·G, K]` (NaN where a source does not apply)."""
@@ -291,14 +290,10 @@ class GRPOModule(AlignModule):
             rollout.ref_logps = self.frozen_logps(rollout, "ref")
         metrics = self.reward_metrics(rewards_per_func, adv)
         lengths = completions.completion_mask.sum(1).float()
-        metrics.update({
-            "completions/mean_length": lengths.mean(),
-            "completions/min_length": lengths.min(),
-            "completions/max_length": lengths.max(),
-            "completions/clipped_ratio": completions.truncated.float().mean(),
-        })
-        table = [completions.texts, rewards_per_func, adv]
-        return rollout, metrics, table
+        for stat in ("mean", "min", "max"):
+            metrics[f"completions/{stat}_length"] = getattr(lengths, stat)()
+        metrics["completions/clipped_ratio"] = completions.truncated.float().mean()
+        return rollout, metrics, [completions.texts, rewards_per_func, adv]
 
     def reward_metrics(self, rewards_per_func: Tensor, adv) -> dict:
         metrics = {}
@@ -394,6 +389,7 @@ class GRPOModule(AlignModule):
     # ------------------------------------------------------------------ completions table
     def log_completions(self, batch: dict, step: int, texts: list[str], rewards_per_func: Tensor, adv) -> None:
         """Append a few (prompt, completion, rewards, advantage) rows to completions.csv."""
+        run_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)  # log_dir is a collective: all ranks
         if not self.trainer.is_global_zero:
             return
         g = self.num_generations
@@ -405,7 +401,6 @@ class GRPOModule(AlignModule):
             row.update({name: float(rewards_per_func[i, k]) for k, name in enumerate(self.reward_names)})
             row["advantage"] = float(adv.advantages[i])
             rows.append(row)
-        run_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         path = run_dir / "completions.csv"
         new = not path.exists()
