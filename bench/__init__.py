@@ -1,0 +1,1 @@
+"""Benchmarks: lit_align vs TRL (see docs/benchmarks.md)."""
