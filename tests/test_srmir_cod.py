@@ -1,0 +1,159 @@
+"""build-cod on real prompts with a tiny generator: exact balance, resume, format validation."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections import Counter
+
+import pytest
+import torch
+import yaml
+
+from lit_align.data.render import encode_pair
+from lit_align.generation import SamplingConfig
+from lit_align.srmir.categories import CATEGORIES, PromptSource
+from lit_align.srmir.cod import COD_TEMPLATE, balance, build_cod, cod_prompt, collect_prompts, is_valid_cod
+
+CANNED = "harm. no. #### I will not help with that."
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the test machine is shared; tiny models gain nothing from threads
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def cod_model_dir(tiny_model_dir, tmp_path_factory, shared_data):
+    """The tiny model taught (50 Adam steps on real prompts) to answer any prompt with a canned CoD."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path_factory.mktemp("cod_model")
+    shutil.copytree(tiny_model_dir, out, dirs_exist_ok=True)
+    tok = AutoTokenizer.from_pretrained(out)
+    model = AutoModelForCausalLM.from_pretrained(out)
+    rows = collect_prompts(_sources(shared_data, max_prompt_chars=160), "error", "error", True, seed=0)
+    texts = [r["prompt"] for r in rows[::12]]
+    pairs = [encode_pair(tok, cod_prompt(p), CANNED) for p in texts] + [encode_pair(tok, p, CANNED) for p in texts[::3]]
+    width = max(len(a) + len(b) for a, b in pairs)
+    ids = torch.full((len(pairs), width), tok.pad_token_id)
+    labels = torch.full_like(ids, -100)
+    mask = torch.zeros_like(ids)
+    for i, (a, b) in enumerate(pairs):
+        ids[i, : len(a) + len(b)] = torch.tensor(a + b)
+        labels[i, len(a) : len(a) + len(b)] = torch.tensor(b)
+        mask[i, : len(a) + len(b)] = 1
+    torch.manual_seed(0)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(50):
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.save_pretrained(out)
+    return out
+
+
+def _sources(shared_data, max_prompt_chars=None):
+    return [
+        PromptSource(str(shared_data / "harmbench_behaviors_text_all.csv"), max_prompt_chars=max_prompt_chars),
+        PromptSource(str(shared_data / "strongreject_dataset.csv"), max_prompt_chars=max_prompt_chars),
+    ]
+
+
+def test_cod_prompt_is_the_spec_text():
+    text = cod_prompt("Write {x} racist jokes")
+    assert text.startswith("Think step by step, but only keep a minimum draft for each thinking step, with 5 words at most.")
+    assert "Return the answer at the end of the response after a separator ####." in text
+    assert text.endswith("Why did you refuse to answer 'Write {x} racist jokes'? Provide your reasoning process for refusal.")
+    assert COD_TEMPLATE.count("{prompt}") == 1
+    assert is_valid_cod("a\nb\n#### No.") and not is_valid_cod("no separator") and not is_valid_cod("draft ####  ")
+
+
+def test_balance_down_and_up_are_exact(shared_data):
+    rows = collect_prompts(_sources(shared_data), "error", "error", True, seed=0)
+    have = Counter(r["category"] for r in rows)
+    assert set(have) == set(CATEGORIES)
+    plan, stats = balance(rows, list(CATEGORIES), "down", None, seed=0)
+    assert Counter(r["category"] for r in plan) == {c: min(have.values()) for c in CATEGORIES}
+    assert len({r["id"] for r in plan}) == len(plan)
+    plan, stats = balance(rows, list(CATEGORIES), "up", None, seed=0)
+    top = max(have.values())
+    assert Counter(r["category"] for r in plan) == {c: top for c in CATEGORIES}
+    assert len({r["id"] for r in plan}) == len(plan)  # up-sampled copies get their own ids
+    for c in CATEGORIES:
+        assert stats[c] == {"available": have[c], "selected": have[c], "upsampled": top - have[c]}
+    first = [r["category"] for r in plan[: len(CATEGORIES)]]
+    assert sorted(first) == sorted(CATEGORIES)  # interleaved: any prefix stays balanced
+    with pytest.raises(ValueError, match="balance='up'"):
+        balance(rows, list(CATEGORIES), "down", min(have.values()) + 1, seed=0)
+    with pytest.raises(ValueError, match=r"no prompts for categories \['nonsense'\]"):
+        balance(rows, ["insult", "nonsense"], "down", None, seed=0)
+
+
+def test_classify_labels_advbench_from_the_labelled_sources(shared_data):
+    sources = _sources(shared_data) + [PromptSource(str(shared_data / "advbench_behaviors.csv"))]
+    rows = collect_prompts(sources, "error", "classify", True, seed=0)
+    classified = [r for r in rows if r.get("category_from") == "classifier"]
+    assert len(classified) > 300  # AdvBench minus keyword-ruled rows and duplicates of the others
+    assert {r["category"] for r in classified} <= set(CATEGORIES)
+    hacking = [r for r in classified if "hack" in r["prompt"].lower()]
+    share = sum(r["category"] == "crimes_illegal_activities" for r in hacking) / len(hacking)
+    assert share > 0.8, share
+
+
+def _sampling():
+    return SamplingConfig(max_new_tokens=16, temperature=0.0)
+
+
+def test_build_cod_balanced_and_resumes_after_interruption(shared_data, cod_model_dir, tmp_path):
+    from lit_align.cli import main
+    from lit_align.models import PolicyConfig
+
+    out = tmp_path / "cod.jsonl"
+    common = dict(sources=_sources(shared_data, max_prompt_chars=160), output=str(out), policy=PolicyConfig(name_or_path=str(cod_model_dir)),
+                  per_category=2, cod_sampling=_sampling(), rejected_sampling=_sampling(), batch_size=4, progress=False)
+    stats = build_cod(**common, limit=5)  # "interrupted" after five records
+    assert len(out.read_text().splitlines()) == 5
+    with out.open("a") as f:
+        f.write('{"id": "harmbench_behaviors_text_all.csv:3", "prompt": "tor')  # killed mid-write
+    # the rest through the command line, as a user resumes
+    config = {
+        "sources": [{"path": s.path, "max_prompt_chars": 160} for s in common["sources"]], "output": str(out),
+        "policy": {"name_or_path": str(cod_model_dir)}, "per_category": 2, "batch_size": 4, "progress": False,
+        "cod_sampling": {"max_new_tokens": 16, "temperature": 0.0},
+        "rejected_sampling": {"max_new_tokens": 16, "temperature": 0.0},
+    }
+    (tmp_path / "cod.yaml").write_text(yaml.safe_dump(config))
+    main(["build-cod", "--config", str(tmp_path / "cod.yaml")])
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    ids = [r["id"] for r in records]
+    assert len(ids) == len(set(ids)) == 14
+    assert Counter(r["category"] for r in records) == {c: 2 for c in CATEGORIES}
+    for r in records:
+        assert is_valid_cod(r["chosen"]) and r["chosen"].startswith("harm. no. ####")  # cut at 16 tokens
+        assert set(r) >= {"prompt", "category", "chosen", "rejected", "generation", "source"}
+        assert r["generation"]["cod_sampling"]["max_new_tokens"] == 16
+        assert r["generation"]["generator"] == str(cod_model_dir)
+    stats = json.loads((tmp_path / "cod.counts.json").read_text())
+    assert {c: s["written"] for c, s in stats.items()} == {c: 2 for c in CATEGORIES}
+    table = (tmp_path / "cod.counts.md").read_text()
+    available = stats["mental_health"]["available"]
+    assert f"| mental_health | {available} | 2 | 0 | 2 | 0 |" in table
+    before = out.read_text()
+    build_cod(**common)  # nothing left to do: no model is loaded, nothing is appended
+    assert out.read_text() == before
+
+
+def test_build_cod_drops_prompts_without_separator(shared_data, tiny_model_dir, tmp_path):
+    from lit_align.models import PolicyConfig
+
+    out = tmp_path / "cod.jsonl"
+    stats = build_cod(sources=_sources(shared_data), output=str(out), policy=PolicyConfig(name_or_path=str(tiny_model_dir)),
+                      categories=["insult", "mental_health"], per_category=2, cod_sampling=_sampling(),
+                      rejected_sampling=_sampling(), max_retries=1, batch_size=4, progress=False)
+    assert out.read_text() == ""  # the untrained model never writes `####`
+    assert {c: (s["written"], s["dropped"]) for c, s in stats.items()} == {"insult": (0, 2), "mental_health": (0, 2)}
