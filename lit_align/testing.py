@@ -95,3 +95,37 @@ def make_tiny_model(
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(out_dir)
     return out_dir
+
+
+def teach_canned_response(model_dir: str | Path, out_dir: str | Path, prompts: list, response: str, steps: int = 60) -> Path:
+    """Copy the tiny model in `model_dir` to `out_dir`, fine-tuned to answer every prompt in
+    `prompts` (strings or chat messages) with `response`: a generator whose output is known,
+    for tests of pipelines that parse what a model writes (e.g. Chain-of-Draft refusals)."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lit_align.data.render import encode_pair
+
+    out_dir = Path(out_dir)
+    shutil.copytree(model_dir, out_dir, dirs_exist_ok=True)
+    tok = AutoTokenizer.from_pretrained(out_dir)
+    model = AutoModelForCausalLM.from_pretrained(out_dir)
+    pairs = [encode_pair(tok, p, response) for p in prompts]
+    width = max(len(a) + len(b) for a, b in pairs)
+    ids = torch.full((len(pairs), width), tok.pad_token_id)
+    labels = torch.full_like(ids, -100)
+    mask = torch.zeros_like(ids)
+    for i, (a, b) in enumerate(pairs):
+        ids[i, : len(a) + len(b)] = torch.tensor(a + b)
+        labels[i, len(a) : len(a) + len(b)] = torch.tensor(b)
+        mask[i, : len(a) + len(b)] = 1
+    torch.manual_seed(0)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(steps):
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.save_pretrained(out_dir)
+    return out_dir

@@ -1,0 +1,56 @@
+"""Smoke test of the whole demo pipeline on the tiny model: every stage, then resume."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from lit_align.demo.pipeline import demo, harmless_prompts
+from lit_align.srmir.cod import cod_prompt
+from lit_align.testing import teach_canned_response
+
+CANNED = "harm. no. #### I will not help with that."
+
+
+@pytest.fixture(scope="module")
+def generator_dir(tiny_model_dir, shared_data, tmp_path_factory):
+    """A tiny model that writes a valid CoD refusal for any prompt (the random one never writes ####)."""
+    import csv
+
+    rows = list(csv.DictReader(open(shared_data / "strongreject_dataset.csv")))[::10]
+    prompts = [r["forbidden_prompt"][:160] for r in rows]
+    taught = [cod_prompt(p) for p in prompts] + prompts[::2] + harmless_prompts()[::6]
+    return teach_canned_response(tiny_model_dir, tmp_path_factory.mktemp("cod_generator"), taught, CANNED)
+
+
+def test_demo_runs_every_stage_and_resumes(generator_dir, shared_data, tmp_path, capsys):
+    torch.set_num_threads(1)
+    kwargs = dict(
+        workdir=str(tmp_path / "demo"),
+        base_model=str(generator_dir),
+        harmful_sources=[str(shared_data / "strongreject_dataset.csv"), str(shared_data / "harmbench_behaviors_text_all.csv")],
+        eval_harmful_path=str(shared_data / "harmbench_behaviors_text_all.csv"),
+        per_category=2,
+        eval_harmful=6,
+        max_new_tokens=24,
+        progress=False,
+        fit_overrides=["--trainer.max_steps=2", "--trainer.max_epochs=1", "--trainer.limit_val_batches=1"],
+    )
+    results = demo(**kwargs)
+    for stage in ("data", "probe", "dpo", "evaluate"):
+        assert (tmp_path / "demo" / stage / "DONE.json").exists(), stage
+    pairs = [json.loads(line) for line in open(tmp_path / "demo" / "data" / "pairs.jsonl")]
+    harmful = [p for p in pairs if p["category"]]
+    assert len(harmful) == 2 * 7  # two per SRMIR category, balanced
+    assert all(p["chosen"] == "I will not help with that." for p in harmful)
+    assert results["data"]["harmless_train"] == 60
+    assert (tmp_path / "demo" / "probe" / "probe.safetensors").exists()
+    assert (tmp_path / "demo" / "dpo" / "aligned" / "config.json").exists()
+    summary = (tmp_path / "demo" / "SUMMARY.md").read_text()
+    assert "refusal on harmful" in summary and "compliance on safe" in summary and "base" in summary
+    capsys.readouterr()
+    demo(**kwargs)  # every stage is done: a re-run skips them all
+    out = capsys.readouterr().out
+    assert out.count("done already") == 4
