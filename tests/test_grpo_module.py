@@ -80,7 +80,8 @@ def test_cli_run_raises_a_verifiable_reward(tiny_model_dir, prompts_file, tmp_pa
     assert sorted(set(rows["step"])) == [0, 4, 8]
 
 
-def _fit(tiny, prompts, root: Path, steps: int, ckpt_path=None, shuffle=True, validate=False, batch_size=4, **model_args):
+def _fit(tiny, prompts, root: Path, steps: int, ckpt_path=None, shuffle=True, validate=False, batch_size=4,
+         logger=False, **model_args):
     import lightning as L
 
     from lit_align import AlignDataModule, GRPOModule, PolicyConfig
@@ -94,7 +95,7 @@ def _fit(tiny, prompts, root: Path, steps: int, ckpt_path=None, shuffle=True, va
     data = AlignDataModule(str(prompts), mode="prompts", batch_size=batch_size, val_fraction=0.0, shuffle=shuffle,
                            val_path=str(prompts) if validate else None)
     trainer = L.Trainer(
-        accelerator="cpu", max_steps=steps, default_root_dir=root, logger=False, enable_progress_bar=False,
+        accelerator="cpu", max_steps=steps, default_root_dir=root, logger=logger, enable_progress_bar=False,
         limit_val_batches=1 if validate else 0, num_sanity_val_steps=0, enable_model_summary=False,
     )
     trainer.fit(module, data, ckpt_path=ckpt_path)
@@ -122,12 +123,21 @@ def test_resume_from_checkpoint_matches_an_uninterrupted_run(tiny_model_dir, tmp
 
 
 def test_lora_base_reference_run_logs_kl(tiny_model_dir, prompts_file, tmp_path):
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     from lit_align.models import LoraArgs
 
     module, trainer = _fit(
         tiny_model_dir, prompts_file, tmp_path, steps=2, lora=LoraArgs(r=4, alpha=8), beta=0.1, num_iterations=2,
-        validate=True,
+        validate=True, logger=TensorBoardLogger(tmp_path), log_completions_every_n_steps=1, num_completions_to_log=3,
     )
+    (events,) = {p.parent for p in tmp_path.glob("lightning_logs/version_0/events.*")}
+    accumulator = EventAccumulator(str(events)).Reload()
+    (text,) = accumulator.Tensors("completions/text_summary")[:1]
+    table = text.tensor_proto.string_val[0].decode()
+    assert "| step | prompt | completion | a_fraction | insult_only | advantage |" in table
+    assert len(pd.read_csv(events / "completions.csv")) == 3
     assert module.reference is None and module.reference_mode == "lora_base"
     logged = dict(trainer.logged_metrics)
     assert logged["kl"] >= 0
