@@ -253,7 +253,7 @@ class GRPOModule(AlignModule):
         if self.generator is None:
             self.generator = HFGenerator(self.policy, self.tokenizer)
         self.generator.sync_weights(self.policy)
-        # FSDP2: hold the full weights so ranks may stop decoding at different lengths (no-op unsharded)
+        # FSDP2: gather the weights once for decoding; peft's generate skips the root unit (no-op unsharded)
         with gathered_parameters(self.policy):
             return self.generator.generate_ids(
                 batch["prompt_input_ids"], batch["prompt_attention_mask"], self.sampling, self.num_generations, seed
