@@ -188,9 +188,12 @@ def fsdp_units(model: nn.Module) -> list[nn.Module]:
 def gathered_parameters(model: nn.Module) -> Iterator[nn.Module]:
     """Hold the full (unsharded) weights of every FSDP2 unit while the block runs.
 
-    For `generate`: inside, forwards issue no collectives, so ranks may decode different
-    numbers of tokens without hanging. Costs the full model's memory on every rank while held.
-    No-op for a model that is not sharded.
+    For `generate`. Each unit is all-gathered once instead of at every decoded token, and a
+    peft policy works at all: peft's `generate` calls the inner transformers model, skipping
+    the root unit's forward, so without this the embeddings and LM head stay sharded
+    ("aten.embedding.default got mixed torch.Tensor and DTensor"). transformers itself keeps
+    ranks stepping together (`synced_gpus`) when ranks stop at different lengths. Costs the
+    full model's memory on every rank while held. No-op for a model that is not sharded.
     """
     units = fsdp_units(model)
     _init_roots(units)

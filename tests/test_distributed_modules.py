@@ -83,8 +83,8 @@ def test_reward_model_sharded_checkpoint_exports(reward_runs):
 
 
 def test_grpo_under_fsdp2_generates_with_gathered_parameters(shared_data, tiny_model_dir, tmp_path):
-    """GRPO samples with `generate` on the sharded policy (inside `gathered_parameters`), scores,
-    and trains; the run finishing on 2 processes is the point (a sharded generate would desync)."""
+    """GRPO samples with `generate` on the sharded LoRA policy inside `gathered_parameters`, scores
+    and trains on 2 processes (without gathering, peft's generate fails on the sharded embeddings)."""
     overrides = {
         "trainer": {"accelerator": "cpu", "devices": 2, "max_steps": 2, "limit_val_batches": 0,
                     "val_check_interval": None, "logger": False, "enable_progress_bar": False,

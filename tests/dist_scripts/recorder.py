@@ -6,8 +6,8 @@ It records, on every rank and written by rank 0 to `path` (JSON):
 - `sharding`: for every model attribute (policy, reference, model) whether all parameters are
   DTensors whose local shard holds 1/world of dim 0 (when dim 0 divides by the world size),
   and whether any FSDP unit mixes frozen and trainable parameters;
-- `generated`: greedy tokens from the trained policy under `gathered_parameters`, each rank
-  decoding a different number of tokens (a sharded forward would deadlock on that).
+- `generated`: greedy tokens from the trained (peft) policy under `gathered_parameters`, each
+  rank asking for a different number of tokens (transformers keeps the ranks in step).
 """
 
 from __future__ import annotations
