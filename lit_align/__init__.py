@@ -29,6 +29,11 @@ _EXPORTS: dict[str, str] = {
     "HFGenerator": "lit_align.generation",
     "SamplingConfig": "lit_align.generation",
     # -- registry: one line per public name --
+    "FSDP2Strategy": "lit_align.sharding",
+    "ShardingConfig": "lit_align.sharding",
+    "shard_model": "lit_align.sharding",
+    "gathered_parameters": "lit_align.sharding",
+    "export_checkpoint": "lit_align.export",
     "GRPOModule": "lit_align.modules.grpo",
     "grpo_loss": "lit_align.losses.grpo",
     "GRPOLoss": "lit_align.losses.grpo",
