@@ -229,3 +229,6 @@ def export(
     out = export_hf(model, load_tokenizer(cfg), out_dir, merge_lora=merge_lora)
     log.info("Exported %s (%s) to %s", path, "sharded" if is_sharded(path) else "full", out)
     return out
+
+
+export_checkpoint = export  # the name `from lit_align import export_checkpoint` gives it

@@ -21,7 +21,7 @@ import torch
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "dist_scripts"))
-from harness import FSDP2, ROOT, fit, run  # noqa: E402
+from harness import FSDP2, ROOT, fit  # noqa: E402
 
 HH = "hh_rlhf_harmless_base_test.jsonl.gz"
 PROMPT = "Human: tell me a joke."  # the recorder's generation prompt
@@ -99,12 +99,14 @@ def logits(model_dir: Path) -> torch.Tensor:
         return model(torch.arange(3, 40).unsqueeze(0)).logits
 
 
-def test_export_sharded_checkpoint_with_the_cli(dpo_runs, tiny_model_dir):
+def test_export_sharded_checkpoint(dpo_runs, tiny_model_dir):
+    """In this process (DCP reads the shards without a process group); the `lit-align export`
+    command line itself runs in tests/test_distributed_modules.py."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    dest = dpo_runs["tmp"] / "exported_sharded"
-    run("-m", "lit_align.cli", "export", "--checkpoint", str(dpo_runs["final"][0]), "--out_dir", str(dest),
-        timeout=180)
+    from lit_align.export import export
+
+    dest = export(str(dpo_runs["final"][0]), str(dpo_runs["tmp"] / "exported_sharded"))
     exported = logits(dest)
     # the 2-process weights after resume = the 1-process run's own export, and not the base
     torch.testing.assert_close(exported, logits(dpo_runs["one_export"]), rtol=0, atol=1e-5)
