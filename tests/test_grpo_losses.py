@@ -256,3 +256,21 @@ def test_advantages_match_trl(trl_trainer, aggregation, scale):
     assert abs(ours.std_is_zero.float().mean().item() - metrics["frac_reward_zero_std"][-1]) < 1e-6
     assert abs(torch.nanmean(ours.rewards).item() - metrics["reward"][-1]) < 1e-6
     assert abs(nanstd(ours.rewards).item() - metrics["reward_std"][-1]) < 1e-6
+
+
+def test_grpo_loss_module_matches_the_function():
+    from lit_align.losses.grpo import GRPOLoss
+
+    g = torch.Generator().manual_seed(5)
+    logps, old, ref = (torch.randn(4, 5, generator=g) for _ in range(3))
+    mask = (torch.rand(4, 5, generator=g) > 0.3).long()
+    adv = torch.randn(4, generator=g)
+    module = GRPOLoss(beta=0.1, epsilon=0.2, epsilon_high=0.3, loss_type="bnpo")
+    loss, stats = module(logps, old, adv, mask, ref_logps=ref)
+    expected, expected_stats = grpo_loss(logps, old, adv, mask, ref, beta=0.1, epsilon=0.2, epsilon_high=0.3,
+                                         loss_type="bnpo")
+    assert loss.item() == expected.item() and stats.kl.item() == expected_stats.kl.item()
+    with pytest.raises(ValueError, match="loss_type"):
+        GRPOLoss(loss_type="ppo")
+    with pytest.raises(ValueError, match="ref_logps"):
+        grpo_loss(logps, old, adv, mask, beta=0.1)
