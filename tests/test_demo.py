@@ -43,7 +43,11 @@ def test_demo_runs_every_stage_and_resumes(generator_dir, shared_data, tmp_path,
         assert (tmp_path / "demo" / stage / "DONE.json").exists(), stage
     pairs = [json.loads(line) for line in open(tmp_path / "demo" / "data" / "pairs.jsonl")]
     harmful = [p for p in pairs if p["category"]]
-    assert len(harmful) == 2 * 7  # two per SRMIR category, balanced
+    counts = results["data"]["cod_counts"]
+    assert {c: v["selected"] + v["upsampled"] for c, v in counts.items()} == {c: 2 for c in counts}  # balanced
+    assert len(counts) == 7
+    # every CoD written (the rest dropped, counted, for a missing ####) became a pair
+    assert len(harmful) == sum(v["written"] for v in counts.values()) >= 7
     assert all(p["chosen"] == "I will not help with that." for p in harmful)
     assert results["data"]["harmless_train"] == 60
     assert (tmp_path / "demo" / "probe" / "probe.safetensors").exists()
