@@ -214,3 +214,42 @@ def test_smollm2_lora_grpo_steps(prompts_file, tmp_path):
     assert trainer.global_step == 1
     assert torch.isfinite(torch.tensor(float(logged["loss"])))
     assert logged["kl"] >= 0 and 0 < logged["completions/mean_length"] <= 8
+
+
+def test_function_config_on_real_hh_rlhf_prompts(tiny_model_dir, shared_data, tmp_path):
+    """configs/grpo_function.yaml's own data section (HH-RLHF red-team prompts, prompts mode)
+    with the tiny model and refusal_reward, for one step."""
+    from lit_align.cli import main
+
+    cfg = yaml.safe_load(_override(tmp_path, tiny_model_dir, Path("unused"), steps=1).read_text())
+    cfg["model"]["init_args"]["reward_funcs"] = ["lit_align.rewards:refusal_reward"]
+    cfg["data"] = {"path": str(shared_data / "hh_rlhf_harmless_base_test.jsonl.gz"), "limit": 16}
+    override = tmp_path / "real.yaml"
+    override.write_text(yaml.safe_dump(cfg))
+    main(["fit", "-c", str(ROOT / "configs" / "grpo_function.yaml"), "-c", str(override)])
+    metrics = _metrics(tmp_path)
+    assert metrics["rewards/refusal_reward/mean"].notna().sum() == 1
+    table = pd.read_csv(next(tmp_path.glob("lightning_logs/version_*/completions.csv")))
+    assert table["prompt"].str.len().gt(0).all()  # real HH-RLHF human turns
+
+
+def test_probe_reward_is_bound_to_the_policy(tiny_model_dir, tmp_path):
+    from lit_align import GRPOModule, PolicyConfig, ProbeReward
+    from lit_align.generation import HFGenerator
+    from lit_align.probes import HybridProbe
+
+    torch.manual_seed(0)
+    probe = HybridProbe(32, layers=[1, 2])
+    with torch.no_grad():
+        for param in probe.parameters():
+            param.normal_()
+    path = probe.save(tmp_path / "probe.safetensors")
+    module = GRPOModule(PolicyConfig(name_or_path=str(tiny_model_dir)), reward_funcs=[ProbeReward(str(path))],
+                        num_generations=2, max_completion_length=4)
+    module.configure_model()
+    assert module.reward_funcs[0].model is module.policy
+    ids, mask = HFGenerator(module.policy, module.tokenizer).encode_prompts(["hi", "hello"])
+    batch = {"prompt_input_ids": ids, "prompt_attention_mask": mask, "prompt": ["hi", "hello"], "category": [None, None]}
+    completions = module.sample(batch, seed=0)
+    rewards = module.score(batch, completions.texts)
+    assert rewards.shape == (4, 1) and torch.isfinite(rewards).all() and rewards.std() > 0
