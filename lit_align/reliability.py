@@ -309,15 +309,46 @@ def _as_tuples(value):
     return tuple(_as_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
 
 
+# ---------------------------------------------------------------------------- failures
+_COLLECTIVE_FAILURES = ("connection closed", "connection reset", "broken pipe", "timed out", "timeout", "gloo", "nccl")
+
+
+def is_collective_failure(exception: BaseException) -> bool:
+    """A failed collective: another rank died, hung, or the network between them broke."""
+    dist_errors = tuple(
+        getattr(torch.distributed, name) for name in ("DistError", "DistBackendError") if hasattr(torch.distributed, name)
+    )
+    return isinstance(exception, dist_errors) or any(k in str(exception).lower() for k in _COLLECTIVE_FAILURES)
+
+
+class FailureReport(Callback):
+    """On any exception, say where the run stopped and how to resume it; in a distributed run,
+    say plainly when the cause is another rank (a collective failed or timed out)."""
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        ckpt = getattr(trainer.checkpoint_callback, "last_model_path", "") or "none written yet"
+        where = f"rank {trainer.global_rank} of {trainer.world_size}: training stopped at step {trainer.global_step} (epoch {trainer.current_epoch})"
+        resume = f"Resume from the last checkpoint ({ckpt}) with --ckpt_path"
+        first_line = str(exception).strip().splitlines()[0] if str(exception).strip() else ""
+        if trainer.world_size > 1 and is_collective_failure(exception):
+            log.error(
+                "%s because a collective operation failed: another process of this run died, hung or lost its "
+                "connection (%s: %s). Check the other ranks' logs. %s.", where, type(exception).__name__, first_line[:300], resume,
+            )
+        elif not isinstance(exception, (NonFiniteError, KeyboardInterrupt)):
+            log.error("%s by %s: %s. %s.", where, type(exception).__name__, first_line[:300], resume)
+
+
 # ---------------------------------------------------------------------------- defaults
 def reliability_callbacks(on_nonfinite: str = "stop", max_skipped_batches: int = 10) -> list[Callback]:
-    """The callbacks every `lit-align fit` run gets: guard, atomic checkpoints, RNG states."""
-    return [NonFiniteGuard(on_nonfinite, max_skipped_batches), AtomicCheckpoints(), RNGStates()]
+    """The callbacks every `lit-align fit` run gets: guard, atomic checkpoints, RNG states, failure report."""
+    return [NonFiniteGuard(on_nonfinite, max_skipped_batches), AtomicCheckpoints(), RNGStates(), FailureReport()]
 
 
 __all__ = [
     "AtomicCheckpointIO",
     "AtomicCheckpoints",
+    "FailureReport",
     "NonFiniteError",
     "NonFiniteGuard",
     "RNGStates",
