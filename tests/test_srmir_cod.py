@@ -28,7 +28,8 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def cod_model_dir(tiny_model_dir, tmp_path_factory, shared_data):
-    """The tiny model taught (50 Adam steps on real prompts) to answer any prompt with a canned CoD."""
+    """The tiny model taught (50 Adam steps on real prompts) to answer with a canned CoD: a stand-in
+    generator that follows the format, so that the pipeline, not the model, is under test."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     out = tmp_path_factory.mktemp("cod_model")
@@ -36,7 +37,8 @@ def cod_model_dir(tiny_model_dir, tmp_path_factory, shared_data):
     tok = AutoTokenizer.from_pretrained(out)
     model = AutoModelForCausalLM.from_pretrained(out)
     rows = collect_prompts(_sources(shared_data, max_prompt_chars=160), "error", "error", True, seed=0)
-    texts = [r["prompt"] for r in rows[::12]]
+    plan, _ = balance(rows, list(CATEGORIES), "down", 2, seed=0)  # the prompts the build test draws
+    texts = [r["prompt"] for r in plan] + [r["prompt"] for r in rows[::40]]
     pairs = [encode_pair(tok, cod_prompt(p), CANNED) for p in texts] + [encode_pair(tok, p, CANNED) for p in texts[::3]]
     width = max(len(a) + len(b) for a, b in pairs)
     ids = torch.full((len(pairs), width), tok.pad_token_id)
@@ -88,6 +90,9 @@ def test_balance_down_and_up_are_exact(shared_data):
         assert stats[c] == {"available": have[c], "selected": have[c], "upsampled": top - have[c]}
     first = [r["category"] for r in plan[: len(CATEGORIES)]]
     assert sorted(first) == sorted(CATEGORIES)  # interleaved: any prefix stays balanced
+    small, _ = balance(rows, list(CATEGORIES), "down", 2, seed=0)
+    larger, _ = balance(rows, list(CATEGORIES), "down", 3, seed=0)
+    assert {r["id"] for r in small} < {r["id"] for r in larger}  # growing per_category keeps what was written
     with pytest.raises(ValueError, match="balance='up'"):
         balance(rows, list(CATEGORIES), "down", min(have.values()) + 1, seed=0)
     with pytest.raises(ValueError, match=r"no prompts for categories \['nonsense'\]"):

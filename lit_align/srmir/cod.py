@@ -114,17 +114,16 @@ def balance(
     if mode == "down" and target is not None and target > min(sizes.values()):
         short = {c: n for c, n in sizes.items() if n < target}
         raise ValueError(f"balance='down' with per_category={target}, but {short} have fewer prompts; use balance='up'")
-    rng = random.Random(seed)
     stats, picked = {}, {}
     for c in categories:
-        pool = by_cat[c]
+        # one seeded shuffle per category: a larger per_category extends the plan of a smaller
+        # one, so a re-run with more prompts per category keeps what is already written
+        rng = random.Random(f"{seed}:{c}")
+        pool = list(by_cat[c])
+        rng.shuffle(pool)
         n = len(pool) if target is None else target
-        if n <= len(pool):
-            chosen = rng.sample(pool, n)
-            extra = []
-        else:
-            chosen = list(pool)
-            extra = [dict(r, id=f"{r['id']}#{k + 1}") for k, r in enumerate(rng.choices(pool, k=n - len(pool)))]
+        chosen = pool[:n]
+        extra = [dict(r, id=f"{r['id']}#{k + 1}") for k, r in enumerate(rng.choices(pool, k=max(0, n - len(pool))))]
         picked[c] = chosen + extra
         stats[c] = {"available": len(pool), "selected": len(chosen), "upsampled": len(extra)}
         if extra:
@@ -267,7 +266,11 @@ def build_cod(
     if sum(dropped.values()):
         log.warning("dropped %d prompts whose CoD had no '%s' answer after %d retries: %s",
                     sum(dropped.values()), SEPARATOR, max_retries, dict(dropped))
-    in_file = Counter(rec["category"] for rec in read_done(out).values())
+    planned = {r["id"] for r in plan}
+    in_file = Counter(rec["category"] for rec in read_done(out).values() if rec["id"] in planned)
+    outside = len(read_done(out)) - sum(in_file.values())
+    if outside:
+        log.warning("%s holds %d records outside this plan (another per_category or seed); not counted", out, outside)
     for c in stats:
         stats[c].update(written=in_file.get(c, 0), dropped=dropped.get(c, 0))
     write_counts(out, stats)

@@ -1,0 +1,220 @@
+"""`lit-align train-shadow`: one Bradley–Terry reward model per harm category (SPEC B2) + manifest.
+
+The seven models are trained one after another, each a plain `RewardModule` run on its own
+category's pairs (see docs/srmir.md for why not one multi-head run). The manifest written
+next to them maps category -> exported Hugging Face directory:
+
+    {"format": "lit_align.srmir.shadow", "version": 1, "backbone": {...}, "head": ...,
+     "categories": {"insult": {"path": "insult", "train_pairs": 40, "val_pairs": 10,
+                               "eval_accuracy": 0.9, ...}, ...},
+     "classifier": "category_classifier.pt"}
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import time
+from collections import defaultdict
+from dataclasses import asdict
+from pathlib import Path
+from typing import Literal, Optional
+
+import torch
+
+from lit_align.models import PolicyConfig
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+MANIFEST_FORMAT = "lit_align.srmir.shadow"
+MANIFEST_VERSION = 1
+
+
+# ---------------------------------------------------------------------------- manifest
+def write_manifest(out_dir: Path, manifest: dict) -> Path:
+    path = out_dir / MANIFEST
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(manifest, indent=1))
+    tmp.replace(path)  # never a half-written manifest
+    return path
+
+
+def load_manifest(path: str | Path) -> dict:
+    """The manifest with absolute model paths; a clear error for anything malformed."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / MANIFEST
+    if not path.is_file():
+        raise FileNotFoundError(f"shadow manifest {path} does not exist (lit-align train-shadow writes it)")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
+        raise ValueError(f"{path}: field 'format' must be {MANIFEST_FORMAT!r}; this is not a shadow manifest")
+    if manifest.get("version") != MANIFEST_VERSION:
+        raise ValueError(f"{path}: field 'version' is {manifest.get('version')!r}; this lit_align reads version {MANIFEST_VERSION}")
+    categories = manifest.get("categories")
+    if not isinstance(categories, dict) or not categories:
+        raise ValueError(f"{path}: field 'categories' must map each category to its model entry")
+    for category, entry in categories.items():
+        if not isinstance(entry, dict) or not isinstance(entry.get("path"), str):
+            raise ValueError(f"{path}: categories.{category}.path must be the model directory (a string)")
+        model_dir = (path.parent / entry["path"]).resolve()
+        if not (model_dir / "config.json").is_file():
+            raise ValueError(f"{path}: categories.{category}.path -> {model_dir} is not a Hugging Face model directory")
+        entry["path"] = str(model_dir)
+    classifier = manifest.get("classifier")
+    if classifier is not None:
+        classifier_path = (path.parent / classifier).resolve()
+        if not classifier_path.is_file():
+            raise ValueError(f"{path}: field 'classifier' -> {classifier_path} does not exist")
+        manifest["classifier"] = str(classifier_path)
+    manifest["manifest_path"] = str(path.resolve())
+    return manifest
+
+
+# ---------------------------------------------------------------------------- data
+def split_by_category(data: Path, out_dir: Path) -> dict[str, Path]:
+    """One JSONL per category (the AlignDataModule input for that category's run)."""
+    rows = defaultdict(list)
+    for i, line in enumerate(data.read_text().splitlines()):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            raise ValueError(f"{data} line {i + 1}: not valid JSON") from None
+        category = row.get("category")
+        if not isinstance(category, str) or not category:
+            raise ValueError(f"{data} line {i + 1}: field 'category' is missing; shadow models need a category per pair")
+        rows[category].append(row)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for category, items in sorted(rows.items()):
+        paths[category] = out_dir / f"{category}.jsonl"
+        paths[category].write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in items))
+    return paths
+
+
+# ---------------------------------------------------------------------------- training
+def train_one(
+    category: str, data_path: Path, out_dir: Path, backbone: PolicyConfig, head: str, margin: float,
+    center_rewards_coefficient: Optional[float], lr: float, weight_decay: float, max_steps: int,
+    batch_size: int, val_fraction: float, max_prompt_length: int, max_completion_length: int,
+    accelerator: str, seed: int,
+) -> dict:
+    """Fit one RewardModule on one category's pairs, export it, return its manifest entry."""
+    import lightning as L
+    from lightning.pytorch.loggers import CSVLogger
+
+    from lit_align.data.datamodule import AlignDataModule
+    from lit_align.modules.reward import RewardModule
+
+    L.seed_everything(seed, verbose=False)
+    module = RewardModule(
+        backbone, head=head, margin=margin, center_rewards_coefficient=center_rewards_coefficient,
+        optimizer=functools.partial(torch.optim.AdamW, lr=lr, weight_decay=weight_decay),
+    )
+    data = AlignDataModule(
+        str(data_path), mode="preference", format="generic", val_fraction=val_fraction, batch_size=batch_size,
+        max_prompt_length=max_prompt_length, max_completion_length=max_completion_length, seed=seed,
+    )
+    trainer = L.Trainer(
+        max_steps=max_steps, accelerator=accelerator, devices=1, logger=CSVLogger(out_dir / "logs", name=category),
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        num_sanity_val_steps=0, limit_val_batches=0, log_every_n_steps=1,
+    )
+    trainer.fit(module, datamodule=data)
+    entry = {"path": category, "train_pairs": len(data.train_set), "val_pairs": len(data.val_set)}
+    if data.val_set:
+        trainer.limit_val_batches = 1.0
+        metrics = trainer.validate(module, dataloaders=data.val_dataloader(), verbose=False)[0]
+        entry.update({k: float(v) for k, v in metrics.items() if k.startswith("eval_")})
+    module.export(out_dir / category)
+    return entry
+
+
+def train_shadow(
+    data: str,
+    out_dir: str,
+    backbone: PolicyConfig,
+    head: Literal["sequence_classification", "last_token"] = "sequence_classification",
+    categories: Optional[list[str]] = None,
+    margin: float = 0.0,
+    center_rewards_coefficient: Optional[float] = 0.01,
+    lr: float = 5e-5,
+    weight_decay: float = 0.0,
+    max_steps: int = 50,
+    batch_size: int = 8,
+    val_fraction: float = 0.2,
+    max_prompt_length: int = 256,
+    max_completion_length: int = 128,
+    accelerator: str = "auto",
+    train_classifier: bool = True,
+    seed: int = 0,
+) -> dict:
+    """Train one shadow reward model per category and write `<out_dir>/manifest.json` (SPEC B2).
+
+    Args:
+        data: The build-cod JSONL (prompt, category, chosen, rejected).
+        out_dir: Where the models (one Hugging Face directory per category), logs and manifest go.
+        backbone: The pretrained backbone of every shadow model (LoRA when `backbone.lora` is set).
+        head: "sequence_classification" or "last_token" (see RewardModule).
+        categories: Categories to train; None: every category in `data`.
+        margin: Bradley–Terry margin m.
+        center_rewards_coefficient: η of the centering term (keeps the models on one scale for
+            the linear ensemble); None: off.
+        lr: AdamW learning rate.
+        weight_decay: AdamW weight decay.
+        max_steps: Optimiser steps per category.
+        batch_size: Pairs per step.
+        val_fraction: Pairs of each category held out for the reported pairwise accuracy.
+        max_prompt_length: Prompt tokens kept.
+        max_completion_length: Response tokens kept.
+        accelerator: Lightning accelerator ("auto", "cpu", "gpu").
+        train_classifier: Also fit the prompt -> category classifier the categorized ensemble
+            uses for prompts without a category.
+        seed: Seed for the splits, initialisation and shuffling.
+
+    Returns:
+        The manifest (also written to `<out_dir>/manifest.json`).
+    """
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    data_path, out = Path(data), Path(out_dir)
+    if not data_path.is_file():
+        raise FileNotFoundError(f"shadow training data {data_path} does not exist (run lit-align build-cod first)")
+    per_category = split_by_category(data_path, out / "data")
+    chosen = categories or sorted(per_category)
+    missing = [c for c in chosen if c not in per_category]
+    if missing:
+        raise ValueError(f"{data_path} has no pairs for categories {missing} (it has {sorted(per_category)})")
+    manifest = {
+        "format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, "strategy": "one model per category, sequential runs",
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "data": str(data_path.resolve()),
+        "backbone": asdict(backbone), "head": head, "categories": {},
+        "training": dict(margin=margin, center_rewards_coefficient=center_rewards_coefficient, lr=lr,
+                         weight_decay=weight_decay, max_steps=max_steps, batch_size=batch_size,
+                         val_fraction=val_fraction, seed=seed),
+    }
+    for category in chosen:
+        log.info("shadow model %s: training on %s", category, per_category[category])
+        manifest["categories"][category] = train_one(
+            category, per_category[category], out, backbone, head, margin, center_rewards_coefficient, lr,
+            weight_decay, max_steps, batch_size, val_fraction, max_prompt_length, max_completion_length, accelerator, seed,
+        )
+        write_manifest(out, manifest)  # a crash later still leaves the finished models usable
+    if train_classifier and len(chosen) > 1:
+        from lit_align.srmir.classifier import PromptCategoryClassifier
+
+        rows = [json.loads(line) for c in chosen for line in per_category[c].read_text().splitlines()]
+        clf = PromptCategoryClassifier(chosen).fit([r["prompt"] for r in rows], [r["category"] for r in rows], seed=seed)
+        clf.save(out / "category_classifier.pt")
+        manifest["classifier"] = "category_classifier.pt"
+    write_manifest(out, manifest)
+    for category, entry in manifest["categories"].items():
+        log.info("%s: held-out pairwise accuracy %s on %d pairs", category, entry.get("eval_accuracy"), entry["val_pairs"])
+    return manifest
