@@ -14,6 +14,8 @@ import sys
 # name -> "module:function". Each function's signature is its CLI.
 COMMANDS: dict[str, str] = {
     # -- registry: one line per subcommand --
+    "train-shadow": "lit_align.srmir.shadow:train_shadow",
+    "build-cod": "lit_align.srmir.cod:build_cod",
     "evaluate": "lit_align.eval.evaluate:evaluate",
     "export": "lit_align.export:export",
     "rerank-candidates": "lit_align.probes.candidates:rerank_candidates",
@@ -32,7 +34,8 @@ def main(args: list[str] | None = None) -> None:
     if argv and argv[0] in COMMANDS:
         from jsonargparse import auto_cli
 
-        auto_cli(_load(COMMANDS[argv[0]]), args=argv[1:], as_positional=False)
+        rest = ["--config" if a == "-c" else a for a in argv[1:]]  # `-c` as for fit/validate/test
+        auto_cli(_load(COMMANDS[argv[0]]), args=rest, as_positional=False)
         return
     if not argv or argv[0] in ("-h", "--help") or argv[0] in TRAINER_SUBCOMMANDS:
         from lit_align.lightning_cli import run_lightning_cli
