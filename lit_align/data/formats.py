@@ -42,12 +42,16 @@ class BadRowError(ValueError):
 _BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 
 
-def _builder(path: str) -> Optional[str]:
+def _uncompressed_suffix(path: str) -> str:
     name = path.lower()
     for compressed in (".gz", ".bz2", ".xz", ".zst"):
         if name.endswith(compressed):
             name = name[: -len(compressed)]
-    return _BUILDERS.get(Path(name).suffix)
+    return Path(name).suffix
+
+
+def _builder(path: str) -> Optional[str]:
+    return _BUILDERS.get(_uncompressed_suffix(path))
 
 
 def load_source(path: str, split: str = "train", name: Optional[str] = None):
@@ -61,10 +65,51 @@ def load_source(path: str, split: str = "train", name: Optional[str] = None):
         try:
             return datasets.load_dataset(builder, data_files=path, split="train")
         except Exception as err:  # datasets wraps parse errors in several types
-            raise ValueError(f"could not read {path} as {builder}: {err}") from err
+            problem = diagnose_file(path, builder) or str(err)
+            raise ValueError(f"could not read {path} as {builder}: {problem}") from err
     if Path(path).exists():
         raise ValueError(f"{path}: unknown file type; use .json, .jsonl(.gz), .csv or .parquet")
     return datasets.load_dataset(path, name, split=split)
+
+
+def _open_bytes(path: str):
+    import bz2
+    import gzip
+    import lzma
+
+    openers = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
+    return openers.get(Path(path).suffix.lower(), open)(path, "rb")
+
+
+def diagnose_file(path: str, builder: str) -> Optional[str]:
+    """After `datasets` failed on a local file: the first concrete problem, with its line."""
+    import json
+
+    try:
+        with _open_bytes(path) as f:
+            data = f.read()
+    except (OSError, EOFError) as err:
+        return f"the file is not a valid compressed file ({err}); re-compress it or drop the extension"
+    if not data.strip():
+        return "the file is empty; it has no rows"
+    json_lines = _uncompressed_suffix(path) == ".jsonl"
+    lines = data.split(b"\n")
+    for number, line in enumerate(lines, start=1):
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError as err:
+            return f"line {number} is not UTF-8 text ({err.reason} at column {err.start + 1}); re-save the file as UTF-8"
+        if json_lines and text.strip():
+            try:
+                json.loads(text)
+            except json.JSONDecodeError as err:
+                return f"line {number}, column {err.colno}: invalid JSON ({err.msg}); each line must be one JSON object"
+    if builder == "json" and not json_lines:
+        try:
+            json.loads(data)
+        except json.JSONDecodeError as err:
+            return f"line {err.lineno}, column {err.colno}: invalid JSON ({err.msg})"
+    return None
 
 
 # ---------------------------------------------------------------------------- field checks
@@ -72,8 +117,8 @@ def _text(row: dict, field: str, source: str, index: int) -> str:
     if field not in row:
         raise BadRowError(source, index, field, f"missing (columns: {sorted(row)})")
     value = row[field]
-    if value is None:
-        raise BadRowError(source, index, field, "is None")
+    if value is None:  # `datasets` turns a key absent from some JSON lines into None
+        raise BadRowError(source, index, field, f"is None (missing or null; columns: {sorted(row)})")
     if not isinstance(value, str):
         raise BadRowError(source, index, field, f"expected a string, got {type(value).__name__}")
     if not value.strip():
@@ -198,6 +243,33 @@ def _generic(row: dict, mode: str, source: str, index: int) -> list[dict]:
 PRESETS = {"generic": _generic, "hh_rlhf": _hh_rlhf, "pku_saferlhf": _pku_saferlhf}
 
 
+def _rows_checking_encoding(rows: Iterable[dict], source: str) -> Iterable[dict]:
+    """`rows`, turning a text-decoding failure (pyarrow reads bytes lazily) into a clear error."""
+    iterator, index = iter(rows), 0
+    while True:
+        try:
+            row = next(iterator)
+        except StopIteration:
+            return
+        except UnicodeDecodeError as err:
+            raise ValueError(
+                f"{source}, row {index}: text is not UTF-8 ({err.reason}, byte {err.object[err.start:err.start + 1]!r}); "
+                "re-save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)"
+            ) from None
+        yield row
+        index += 1
+
+
+def _check_unique_id(row: dict, seen: dict, source: str, index: int) -> None:
+    """Rows that carry an `id` must not repeat one (a duplicated row is usually a merge mistake)."""
+    if "id" not in row or row["id"] is None:
+        return
+    key = str(row["id"])
+    if key in seen:
+        raise BadRowError(source, index, "id", f"duplicate id {row['id']!r} (first seen in row {seen[key]})")
+    seen[key] = index
+
+
 def normalize_rows(
     rows: Iterable[dict[str, Any]],
     format: str = "generic",
@@ -212,9 +284,10 @@ def normalize_rows(
         raise ValueError(f"data.mode={mode!r}: choose one of {MODES}")
     if on_bad_rows not in ("error", "skip"):
         raise ValueError(f"data.on_bad_rows={on_bad_rows!r}: choose 'error' or 'skip'")
-    preset, out, skipped = PRESETS[format], [], 0
-    for index, row in enumerate(rows):
+    preset, out, skipped, seen_ids = PRESETS[format], [], 0, {}
+    for index, row in enumerate(_rows_checking_encoding(rows, source)):
         try:
+            _check_unique_id(row, seen_ids, source, index)
             out.extend(preset(row, mode, source, index))
         except BadRowError as err:
             if on_bad_rows == "error":
