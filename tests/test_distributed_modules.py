@@ -41,8 +41,11 @@ def reward_runs(shared_data, tiny_model_dir, tmp_path_factory):
     one = fit(tmp, "one", [tmp / "common.yaml"],
               {"trainer": {"devices": 1, "default_root_dir": str(tmp / "one")},
                "model": {"init_args": {"export_dir": str(tmp / "one_export")}}, "data": {"batch_size": 4}}, **record)
+    # activation checkpointing recomputes the same math: the losses must still match
     two = fit(tmp, "two", [tmp / "common.yaml", FSDP2],
-              {"trainer": {"devices": 2, "default_root_dir": str(tmp / "two")}, "data": {"batch_size": 2}}, **record)
+              {"trainer": {"devices": 2, "default_root_dir": str(tmp / "two"),
+                           "strategy": {"init_args": {"activation_checkpointing": True}}},
+               "data": {"batch_size": 2}}, **record)
     (ckpt,) = (tmp / "two" / "checkpoints").iterdir()
     return {"tmp": tmp, "one": one, "two": two, "ckpt": ckpt, "one_export": tmp / "one_export"}
 
@@ -64,6 +67,8 @@ def test_reward_model_fsdp2_units(reward_runs):
                                      "base_model.model.score.original_module.weight"]
     # 2 blocks + 2 adapter groups + the trained score head + root; none mixes frozen and trainable
     assert report["units"] == 6 and report["mixed_units"] == []
+    assert report["activation_checkpointing"]
+    assert not reward_runs["one"]["sharding"]["model"]["activation_checkpointing"]
 
 
 def test_reward_model_sharded_checkpoint_exports(reward_runs):

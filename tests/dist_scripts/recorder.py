@@ -82,7 +82,9 @@ def sharding_report(model: torch.nn.Module, world: int) -> dict:
         own = [p for m in members for p in m.parameters() if id(p) not in inner]
         if len({p.requires_grad for p in own}) > 1:
             mixed.append([type(m).__name__ for m in members])
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
     return {
+        "activation_checkpointing": bool(getattr(base, "is_activation_checkpointing", False)),
         "num_params": len(params),
         "num_dtensor": len(dtensors),
         "num_trainable": sum(p.requires_grad for p in params.values()),
