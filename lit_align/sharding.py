@@ -10,7 +10,8 @@ before its forward and freed after. Units here are:
     one for trainable leaves outside the blocks, next to frozen ones (a LoRA reward model's head)
     the root                         (embeddings, final norm, LM head, whatever is left)
 
-Peak memory per rank is then ~ (all parameters) / world + (the largest unit, gathered).
+Parameter memory per rank is then ~ (all parameters) / world + (the largest units, gathered);
+docs/scaling.md has the full budget.
 
 Also here: `FSDP2Strategy` (ModelParallelStrategy that shards over every process by default),
 `CudaFSDPStrategy` (Lightning's FSDPStrategy with a clear error on CPU), `DecoderBlockWrapPolicy`
@@ -27,7 +28,10 @@ from datetime import timedelta
 from typing import Iterator, Literal, Optional, Union
 
 import torch
+from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
+from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from torch import nn
+from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
 log = logging.getLogger(__name__)
 
@@ -139,19 +143,25 @@ def shard_model(
 
     mesh = data_parallel_mesh(device_mesh)
     mp = mixed_precision_policy(mixed_precision, torch.device(mesh.device_type))
+
+    def unit(modules):
+        fully_shard(modules, mesh=mesh, reshard_after_forward=reshard_after_forward, mp_policy=mp)
+        for m in modules if isinstance(modules, list) else [modules]:
+            m._lit_align_reshard_after_forward = reshard_after_forward  # restored by gathered_parameters
+
     if activation_checkpointing:
         enable_activation_checkpointing(model)
     blocks = decoder_blocks(model)
     for block in blocks:
         adapters = trainable_leaves(block)
         if adapters:  # one unit for the block's adapters, taken out of the block's unit
-            fully_shard(adapters, mesh=mesh, reshard_after_forward=reshard_after_forward, mp_policy=mp)
-        fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward, mp_policy=mp)
+            unit(adapters)
+        unit(block)
     in_blocks = {id(m) for block in blocks for m in block.modules()}
     outside = [m for m in trainable_leaves(model) if id(m) not in in_blocks]
     if outside:  # e.g. a trained score head next to frozen embeddings (peft modules_to_save)
-        fully_shard(outside, mesh=mesh, reshard_after_forward=reshard_after_forward, mp_policy=mp)
-    fully_shard(model, mesh=mesh, reshard_after_forward=reshard_after_forward, mp_policy=mp)
+        unit(outside)
+    unit(model)
     return model
 
 
@@ -205,7 +215,7 @@ def gathered_parameters(model: nn.Module) -> Iterator[nn.Module]:
     finally:
         for unit in units:
             unit.reshard()
-            unit.set_reshard_after_forward(True, recurse=False)
+            unit.set_reshard_after_forward(getattr(unit, "_lit_align_reshard_after_forward", True), recurse=False)
 
 
 def _init_roots(units: list[nn.Module]) -> None:
@@ -223,13 +233,9 @@ def _init_roots(units: list[nn.Module]) -> None:
 
 
 # ---------------------------------------------------------------------------- strategies
-from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout  # noqa: E402
-from lightning.pytorch.strategies import FSDPStrategy as _FSDPStrategy  # noqa: E402
-from lightning.pytorch.strategies import ModelParallelStrategy as _ModelParallelStrategy  # noqa: E402
-from torch.distributed.fsdp.wrap import ModuleWrapPolicy as _ModuleWrapPolicy  # noqa: E402
 
 
-class FSDP2Strategy(_ModelParallelStrategy):
+class FSDP2Strategy(ModelParallelStrategy):
     """Lightning's ModelParallelStrategy with FSDP2 over all processes, plus lit_align's sharding options.
 
     ModelParallelStrategy's "auto" sizes are tensor-parallel within a node and data-parallel
@@ -308,7 +314,7 @@ def apply_sharding(
     )
 
 
-class CudaFSDPStrategy(_FSDPStrategy):
+class CudaFSDPStrategy(FSDPStrategy):
     """Lightning's FSDPStrategy (FSDP1, CUDA only), failing early with what to use on CPU."""
 
     def setup_environment(self) -> None:
@@ -321,7 +327,7 @@ class CudaFSDPStrategy(_FSDPStrategy):
         super().setup_environment()
 
 
-class DecoderBlockWrapPolicy(_ModuleWrapPolicy):
+class DecoderBlockWrapPolicy(ModuleWrapPolicy):
     """FSDP1 auto-wrap policy: a unit per decoder block of every HF model in the LightningModule
     (classes from `_no_split_modules`), plus a unit per block's trainable leaves (LoRA adapters)
     when the block also holds frozen weights, as litgpt does."""
