@@ -157,15 +157,23 @@ class Demo:
         from lit_align.cli import main
 
         shadow = self.path("grpo", "shadow")
-        main(["train-shadow", "-c", str(CONFIGS / "shadow.yaml"), f"--data={self.path('data', 'cod.jsonl')}", f"--out_dir={shadow}"])
+        main([
+            "train-shadow", "-c", str(CONFIGS / "shadow.yaml"), f"--data={self.path('data', 'cod.jsonl')}",
+            f"--out_dir={shadow}", f"--backbone.name_or_path={self.base}",
+        ])
+        rewards = {"class_path": "lit_align.srmir.ensemble.ShadowRewardEnsemble",
+                   "init_args": {"manifest": str(shadow / "manifest.json"), "strategy": "categorized"}}
+        override = self.path("grpo", "rewards.yaml")
+        override.write_text(json.dumps({"model": {"init_args": {"reward_funcs": [rewards]}}}))  # JSON is YAML
         self.fit(
             "grpo.yaml",
+            "-c", str(override),
             f"--model.init_args.policy.name_or_path={self.path('dpo', 'aligned')}",
             f"--model.init_args.export_dir={self.path('grpo', 'aligned')}",
             f"--trainer.default_root_dir={self.path('grpo')}",
             f"--data.path={self.path('data', 'cod.jsonl')}",
         )
-        return {"aligned": str(self.path("grpo", "aligned"))}
+        return {"aligned": str(self.path("grpo", "aligned")), "shadow_manifest": str(shadow / "manifest.json")}
 
     def evaluate(self, final_model: str) -> dict:
         from lit_align.eval.evaluate import evaluate
