@@ -1,0 +1,1 @@
+"""Pure loss math (no Lightning, no I/O): dpo, grpo, reward, probe."""

@@ -1,0 +1,1 @@
+"""LightningModules: DPOModule, ProbeModule, RewardModule, GRPOModule on the shared AlignModule base."""
