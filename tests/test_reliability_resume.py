@@ -95,3 +95,24 @@ def test_dpo_kill_and_resume_is_bit_exact(tiny_model_dir, shared_data, probe_fil
     run("train_dpo.py", *common, "--out", control, "--resume", "--no-rng-states")
     with pytest.raises(AssertionError, match="tensors differ"):
         assert_same_weights(full / "final.pt", control / "final.pt")
+
+
+def test_grpo_kill_and_resume_is_bit_exact(tiny_model_dir, shared_data, tmp_path):
+    kill_at = int(os.environ.get("LIT_ALIGN_KILL_STEP_GRPO", random.randint(4, 9)))
+    print(f"SIGKILL at the start of GRPO step {kill_at} (set LIT_ALIGN_KILL_STEP_GRPO to replay)")
+    common = ["--model", tiny_model_dir, "--data", shared_data / HH, "--max-steps", 10]
+    full, part = tmp_path / "full", tmp_path / "part"
+    background = run("train_grpo.py", *common, "--out", full, background=True)
+    killed = run("train_grpo.py", *common, "--out", part, "--kill-at-step", kill_at, check=False)
+    out, _ = background.communicate(timeout=TIMEOUT)
+    assert background.returncode == 0, out[-3000:]
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+
+    resume_step = torch.load(part / "ckpts" / "last.ckpt", weights_only=True)["global_step"]
+    assert 0 < resume_step <= kill_at
+    killed_log = rows(part / "metrics.jsonl")
+    run("train_grpo.py", *common, "--out", part, "--resume")
+    assert_same_weights(full / "final.pt", part / "final.pt")
+    resumed_log = rows(part / "metrics.jsonl")[len(killed_log):]
+    assert_stitched_logs_equal(rows(full / "metrics.jsonl"), killed_log, resumed_log, resume_step)
+    assert all("reward" in r and "kl" in r for r in resumed_log)
