@@ -13,7 +13,7 @@ import torch
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "dist_scripts"))
-from harness import FSDP2, ROOT, fit, run  # noqa: E402
+from harness import FSDP2, ROOT, SCRIPTS, fit, run  # noqa: E402
 
 HH = "hh_rlhf_harmless_base_test.jsonl.gz"
 
@@ -115,3 +115,19 @@ def test_grpo_under_fsdp2_generates_with_gathered_parameters(shared_data, tiny_m
     (table,) = tmp_path.glob("**/completions.csv")
     rows = list(csv.DictReader(table.open()))
     assert sorted({r["step"] for r in rows}) == ["0", "1"] and "a_fraction" in rows[0]
+
+
+def test_fsdp1_wrap_policy_runs_under_fully_sharded_data_parallel(tiny_model_dir, tmp_path):
+    """The FSDP v1 units of configs/strategy/fsdp.yaml, with torch's FSDP on CPU (see the script)."""
+    import json
+
+    out = tmp_path / "fsdp1.json"
+    run("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(SCRIPTS / "fsdp1_policy.py"),
+        str(tiny_model_dir), str(out), timeout=180)
+    result = json.loads(out.read_text())
+    blocks = [f"{m}.layers.{i}" for m in ("policy.base_model.model.model", "reference.model") for i in range(2)]
+    adapters = [f"policy.base_model.model.model.layers.{i}.self_attn.q_proj.lora_{ab}.default"
+                for i in range(2) for ab in "AB"]
+    assert result["units"] == sorted(["", *blocks, *adapters])  # "" is the root
+    assert result["mixed_units"] == []
+    assert result["params_with_grad"] == 4 and 0 < result["loss"] < 20
