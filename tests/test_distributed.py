@@ -150,3 +150,20 @@ def test_export_names_what_is_missing(tmp_path):
     torch.save({"state_dict": {}, "hyper_parameters": {"beta": 0.1}}, tmp_path / "x.ckpt")
     with pytest.raises(ValueError, match="no PolicyConfig"):
         export(str(tmp_path / "x.ckpt"), str(tmp_path / "out"))
+
+
+def test_export_with_dtype_and_base_model_override(dpo_runs, tiny_model_dir, tmp_path):
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    from lit_align.export import export
+
+    moved = tmp_path / "base_moved_here"  # the run's base model directory is elsewhere now
+    shutil.copytree(tiny_model_dir, moved)
+    dest = export(str(dpo_runs["final"][0]), str(tmp_path / "bf16"), dtype="bfloat16", base_model=str(moved))
+    model = AutoModelForCausalLM.from_pretrained(dest, dtype="auto")
+    assert model.dtype == torch.bfloat16
+    with torch.no_grad():
+        bf16 = model.float().eval()(torch.arange(3, 40).unsqueeze(0)).logits
+    torch.testing.assert_close(bf16, logits(dpo_runs["one_export"]), rtol=0.02, atol=0.02)
