@@ -59,13 +59,17 @@ class NonFiniteGuard(Callback):
             "skip" drops that optimiser step and continues.
         max_skipped_batches: In skip mode, stop once more than this many steps were skipped.
         check_checkpoints: Refuse to write a checkpoint whose weights hold NaN/inf.
+        default: Set on the guard `lit-align fit` adds by itself; it steps aside when the user
+            configured a NonFiniteGuard of their own under `trainer.callbacks`.
     """
 
-    def __init__(self, on_nonfinite: str = "stop", max_skipped_batches: int = 10, check_checkpoints: bool = True):
+    def __init__(
+        self, on_nonfinite: str = "stop", max_skipped_batches: int = 10, check_checkpoints: bool = True, default: bool = False
+    ):
         if on_nonfinite not in ("stop", "skip"):
             raise ValueError(f"NonFiniteGuard on_nonfinite={on_nonfinite!r}: choose 'stop' or 'skip'")
         self.on_nonfinite, self.max_skipped_batches = on_nonfinite, int(max_skipped_batches)
-        self.check_checkpoints = check_checkpoints
+        self.check_checkpoints, self.default, self.enabled = check_checkpoints, default, True
         self.skipped = 0  # checkpointed, so the limit holds across resumes
         self.skipped_at: list[dict] = []
         self._bad_loss: Optional[float] = None
@@ -74,20 +78,28 @@ class NonFiniteGuard(Callback):
 
     @property
     def state_key(self) -> str:
-        return "NonFiniteGuard"
+        return "NonFiniteGuard[default]" if self.default else "NonFiniteGuard"
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if self.default and any(isinstance(c, NonFiniteGuard) and not c.default for c in trainer.callbacks):
+            self.enabled = False
 
     # ---------------------------------------------------------------- observation
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
+        if not self.enabled:
+            return
         if self._stepped:  # accumulated batches belong to one step; a new step starts here
             self._batches, self._stepped = [], False
         rows = batch.get("index") if isinstance(batch, dict) else None
         self._batches.append((batch_idx, rows.tolist() if torch.is_tensor(rows) else rows))
 
     def on_before_backward(self, trainer, pl_module, loss: torch.Tensor) -> None:
-        if self._bad_loss is None and not bool(torch.isfinite(loss.detach()).all()):
+        if self.enabled and self._bad_loss is None and not bool(torch.isfinite(loss.detach()).all()):
             self._bad_loss = float(loss.detach().float().sum())
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        if not self.enabled:
+            return
         params = [p for group in optimizer.param_groups for p in group["params"]]
         grads_ok = all(bool(torch.isfinite(_local(p.grad)).all()) for p in params if p.grad is not None)
         local_bad = self._bad_loss is not None or not grads_ok
@@ -110,7 +122,7 @@ class NonFiniteGuard(Callback):
         raise NonFiniteError(message + self._advice(trainer))
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
-        if self.on_nonfinite == "skip":
+        if self.enabled and self.on_nonfinite == "skip":
             pl_module.log("nonfinite/skipped_batches", float(self.skipped), on_step=True, on_epoch=False)
 
     def describe(self, trainer, pl_module, optimizer) -> str:
@@ -141,7 +153,7 @@ class NonFiniteGuard(Callback):
 
     # ---------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
-        if not self.check_checkpoints:
+        if not (self.enabled and self.check_checkpoints):
             return
         state = checkpoint.get("state_dict") or {}
         bad, count = nonfinite_names((k, v) for k, v in state.items() if torch.is_tensor(v) and v.is_floating_point())
@@ -342,7 +354,8 @@ class FailureReport(Callback):
 # ---------------------------------------------------------------------------- defaults
 def reliability_callbacks(on_nonfinite: str = "stop", max_skipped_batches: int = 10) -> list[Callback]:
     """The callbacks every `lit-align fit` run gets: guard, atomic checkpoints, RNG states, failure report."""
-    return [NonFiniteGuard(on_nonfinite, max_skipped_batches), AtomicCheckpoints(), RNGStates(), FailureReport()]
+    guard = NonFiniteGuard(on_nonfinite, max_skipped_batches, default=True)
+    return [guard, AtomicCheckpoints(), RNGStates(), FailureReport()]
 
 
 __all__ = [

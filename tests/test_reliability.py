@@ -129,6 +129,28 @@ def test_skip_mode_skips_counts_logs_and_has_a_limit(tiny_model_dir, shared_data
         fit(module, shared_data, tmp_path / "limit", 5, [NonFiniteGuard("skip", max_skipped_batches=1)])
 
 
+def test_a_guard_configured_by_the_user_replaces_the_default_one(tiny_model_dir, shared_data, tmp_path):
+    from lit_align.lightning_cli import run_lightning_cli
+
+    module = PoisonedDPO(PolicyConfig(name_or_path=str(tiny_model_dir)), poison_steps={1}, optimizer=lr)
+    user_guard = NonFiniteGuard("skip", max_skipped_batches=1)
+    trainer = fit(module, shared_data, tmp_path, 3, [*reliability_callbacks(), user_guard])
+    assert trainer.global_step == 3 and user_guard.skipped == 1
+    # the same from a YAML config: trainer.callbacks takes a NonFiniteGuard like any callback
+    config = tmp_path / "skip.yaml"
+    config.write_text(
+        "trainer:\n  max_steps: 0\n  callbacks:\n    - class_path: lit_align.reliability.NonFiniteGuard\n"
+        "      init_args: {on_nonfinite: skip, max_skipped_batches: 3}\n"
+    )
+    cli = run_lightning_cli([
+        "fit", "-c", str(Path(__file__).resolve().parents[1] / "configs/dpo_tiny.yaml"), "-c", str(config),
+        f"--model.init_args.policy.name_or_path={tiny_model_dir}", f"--data.path={shared_data / HH}",
+        f"--trainer.default_root_dir={tmp_path}", "--trainer.logger=false",
+    ])
+    guards = [c for c in cli.trainer.callbacks if isinstance(c, NonFiniteGuard)]
+    assert sorted((g.default, g.enabled, g.on_nonfinite) for g in guards) == [(False, True, "skip"), (True, False, "stop")]
+
+
 def test_a_checkpoint_with_nonfinite_weights_is_never_written(tiny_model_dir, shared_data, tmp_path):
     module = DPOModule(PolicyConfig(name_or_path=str(tiny_model_dir)), optimizer=lr)
     trainer = fit(module, shared_data, tmp_path, 1, reliability_callbacks())
