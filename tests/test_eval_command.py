@@ -132,3 +132,24 @@ def test_evaluate_rejects_bad_arguments(tiny_model_dir, tmp_path):
         evaluate([str(tiny_model_dir)] * 2, sets)
     with pytest.raises(FileNotFoundError, match="checkpoint .*missing.ckpt does not exist"):
         load_checkpoint_policy(str(tmp_path / "missing.ckpt"))
+
+
+def test_interrupted_generation_resumes_from_cache(tiny_model_dir, shared_data, tmp_path):
+    from lit_align.eval.evaluate import _fingerprint, _generate, load_for_eval
+    from lit_align.eval.prompts import PromptSetConfig, load_prompt_set
+    from lit_align.generation import HFGenerator, SamplingConfig
+
+    rows = load_prompt_set(PromptSetConfig(preset="xstest", path=str(shared_data / "xstest_prompts.csv"), limit=7))
+    generator = HFGenerator(*load_for_eval(str(tiny_model_dir)))
+    sampling = SamplingConfig(max_new_tokens=5, temperature=0.0)
+    key = _fingerprint(str(tiny_model_dir), rows, sampling, 0, 3)
+    full = _generate(generator, rows, sampling, 3, 0, False, "full", tmp_path / "full.json", key)
+    assert len(full["responses"]) == 7
+    # a run killed after its first batch of 3 left this cache behind
+    partial = {k: (v[:3] if isinstance(v, list) else v) for k, v in full.items()}
+    (tmp_path / "partial.json").write_text(json.dumps(partial))
+    resumed = _generate(generator, rows, sampling, 3, 0, False, "resumed", tmp_path / "partial.json", key)
+    assert resumed == full
+    # another fingerprint (other settings) starts over instead of mixing generations
+    other = _generate(generator, rows, sampling, 3, 0, False, "other", tmp_path / "partial.json", "another-key")
+    assert other["fingerprint"] == "another-key" and len(other["responses"]) == 7

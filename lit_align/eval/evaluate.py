@@ -50,6 +50,10 @@ class JudgesConfig:
     """Model whose hidden states the probe reads; null: each evaluated model its own (paper A)."""
     reward: Optional[str] = None
     """A reward source `package.module:function` with TRL's reward-function shape."""
+    shadow: Optional[str] = None
+    """A shadow reward-model manifest (SRMIR): scored by a ShadowRewardEnsemble."""
+    shadow_strategy: str = "linear"
+    """Either "linear" (weighted sum of the shadow models) or "categorized" (the prompt's own category's model)."""
     llm_judge: Optional[str] = None
     """A Hugging Face chat model (directory, hub id or alias) asked whether each response refuses."""
     llm_judge_prompt: str = DEFAULT_JUDGE_PROMPT
@@ -184,6 +188,11 @@ def build_static_judges(cfg: JudgesConfig, dtype: str, device: str) -> list[Judg
         judges.append(RefusalPhraseJudge(cfg.phrases, match=cfg.phrase_match))
     if cfg.reward:
         judges.append(RewardJudge(cfg.reward))
+    if cfg.shadow:
+        from lit_align.srmir.ensemble import ShadowRewardEnsemble
+
+        ensemble = ShadowRewardEnsemble(cfg.shadow, strategy=cfg.shadow_strategy, batch_size=cfg.batch_size)
+        judges.append(RewardJudge(ensemble.to(device), name="shadow"))
     if cfg.llm_judge:
         model, tok = load_for_eval(cfg.llm_judge, dtype, device)
         judges.append(LLMJudge(model, tok, cfg.llm_judge_prompt, batch_size=cfg.batch_size))
