@@ -131,3 +131,34 @@ def test_fsdp1_wrap_policy_runs_under_fully_sharded_data_parallel(tiny_model_dir
     assert result["units"] == sorted(["", *blocks, *adapters])  # "" is the root
     assert result["mixed_units"] == []
     assert result["params_with_grad"] == 4 and 0 < result["loss"] < 20
+
+
+@pytest.mark.slow
+def test_smollm2_lora_dpo_under_fsdp2_and_export(shared_data, tmp_path):
+    """Real SmolLM2-135M (30 blocks, tied embeddings), LoRA DPO with the LoRA-base reference: one
+    FSDP2 step on 2 processes, then the sharded checkpoint exports and generates what the run did."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lit_align.export import export
+
+    overrides = {
+        "trainer": {"accelerator": "cpu", "devices": 2, "max_steps": 1, "accumulate_grad_batches": 1,
+                    "limit_val_batches": 0, "val_check_interval": 1.0, "logger": False,
+                    "default_root_dir": str(tmp_path)},
+        "model": {"init_args": {"reference": "lora_base", "export_dir": None}},
+        "data": {"path": str(shared_data / HH), "limit": 2, "val_fraction": 0.0, "batch_size": 1,
+                 "max_prompt_length": 64, "max_completion_length": 32},
+    }
+    result = fit(tmp_path, "smol", [str(ROOT / "configs" / "dpo.yaml"), FSDP2], overrides)
+    policy = result["sharding"]["policy"]
+    assert policy["units"] == 61 and policy["mixed_units"] == []  # 30 blocks + 30 adapter groups + root
+    assert policy["not_split_in_world_parts"] == [] and policy["num_dtensor"] == policy["num_params"]
+    assert result["losses"][0] == pytest.approx(0.6931, abs=1e-3)  # policy = reference at step 1: log 2
+    (ckpt,) = (tmp_path / "checkpoints").iterdir()
+    dest = export(str(ckpt), str(tmp_path / "hf"))
+    model = AutoModelForCausalLM.from_pretrained(dest).eval()
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()  # still tied
+    tok = AutoTokenizer.from_pretrained(dest)
+    greedy = model.generate(**tok("Human: tell me a joke.", return_tensors="pt"), max_new_tokens=4,
+                            do_sample=False, pad_token_id=tok.pad_token_id)
+    assert result["generated"] == greedy[0].tolist()
