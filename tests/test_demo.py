@@ -35,11 +35,12 @@ def test_demo_runs_every_stage_and_resumes(generator_dir, shared_data, tmp_path,
         per_category=2,
         eval_harmful=6,
         max_new_tokens=24,
+        grpo=True,
         progress=False,
         fit_overrides=["--trainer.max_steps=2", "--trainer.max_epochs=1", "--trainer.limit_val_batches=1"],
     )
     results = demo(**kwargs)
-    for stage in ("data", "probe", "dpo", "evaluate"):
+    for stage in ("data", "probe", "dpo", "grpo", "evaluate"):
         assert (tmp_path / "demo" / stage / "DONE.json").exists(), stage
     pairs = [json.loads(line) for line in open(tmp_path / "demo" / "data" / "pairs.jsonl")]
     harmful = [p for p in pairs if p["category"]]
@@ -52,9 +53,11 @@ def test_demo_runs_every_stage_and_resumes(generator_dir, shared_data, tmp_path,
     assert results["data"]["harmless_train"] == 60
     assert (tmp_path / "demo" / "probe" / "probe.safetensors").exists()
     assert (tmp_path / "demo" / "dpo" / "aligned" / "config.json").exists()
+    assert (tmp_path / "demo" / "grpo" / "shadow" / "manifest.json").exists()
+    assert (tmp_path / "demo" / "grpo" / "aligned" / "config.json").exists()
     summary = (tmp_path / "demo" / "SUMMARY.md").read_text()
     assert "refusal on harmful" in summary and "compliance on safe" in summary and "base" in summary
     capsys.readouterr()
     demo(**kwargs)  # every stage is done: a re-run skips them all
     out = capsys.readouterr().out
-    assert out.count("done already") == 4
+    assert out.count("done already") == 5
