@@ -14,11 +14,12 @@ import sys
 # name -> "module:function". Each function's signature is its CLI.
 COMMANDS: dict[str, str] = {
     # -- registry: one line per subcommand --
-    "train-shadow": "lit_align.srmir.shadow:train_shadow",
-    "build-cod": "lit_align.srmir.cod:build_cod",
-    "evaluate": "lit_align.eval.evaluate:evaluate",
-    "export": "lit_align.export:export",
+    "demo": "lit_align.demo.pipeline:demo",
     "rerank-candidates": "lit_align.probes.candidates:rerank_candidates",
+    "export": "lit_align.export:export",
+    "evaluate": "lit_align.eval.evaluate:evaluate",
+    "build-cod": "lit_align.srmir.cod:build_cod",
+    "train-shadow": "lit_align.srmir.shadow:train_shadow",
 }
 
 TRAINER_SUBCOMMANDS = ("fit", "validate", "test", "predict")
