@@ -245,7 +245,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10, help="timed steps per side (median)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--rss-steps", type=int, default=3)
-    parser.add_argument("--quick", action="store_true", help="5 steps, llama-1m and llama-30m only")
+    parser.add_argument("--quick", action="store_true", help="5 steps, llama-1m, <= 64+64 tokens (a smoke run)")
     parser.add_argument("--no-rss", action="store_true")
     parser.add_argument("--baseline", action="store_true", help="also time lit_align's padded forward (packing=False)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: the machine is shared)")
@@ -256,12 +256,13 @@ def main() -> None:
     parser.add_argument("--side", help=argparse.SUPPRESS)
     parser.add_argument("--work", help=argparse.SUPPRESS)
     a = parser.parse_args()
-    BATCH, MAX_PROMPT, MAX_COMPLETION = a.batch, a.max_prompt, a.max_completion
     torch.set_num_threads(a.threads)
     if a.quick:
         a.steps, a.rss_steps = 5, 2
+        a.max_prompt, a.max_completion = min(a.max_prompt, 64), min(a.max_completion, 64)
         if a.configs == ",".join(CONFIGS):
-            a.configs = "llama-1m,llama-30m"
+            a.configs = "llama-1m"
+    BATCH, MAX_PROMPT, MAX_COMPLETION = a.batch, a.max_prompt, a.max_completion
     if a.worker:
         work = Path(a.work)
         if a.worker == "time":
@@ -302,7 +303,7 @@ def main() -> None:
                 )
             print(f"{config}: lit_align {timing['lit_align']['median_s']:.3f}s  trl {timing['trl']['median_s']:.3f}s", flush=True)
     columns = list(rows[0]) if rows else []
-    name = "dpo" if a.configs == ",".join(CONFIGS) else "dpo_" + a.configs.replace(",", "_")
+    name = ("dpo" if a.configs == ",".join(CONFIGS) else "dpo_" + a.configs.replace(",", "_")) + ("_quick" if a.quick else "")
     harness.report(name, {"machine": info, "args": vars(a), "results": results}, rows, columns)
 
 

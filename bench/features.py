@@ -78,7 +78,7 @@ def main() -> None:
                               "median s": r[side]["median_s"], "tokens/s": r[side]["tokens_per_s"]})
             r["speedup"] = r["plain_forward"]["median_s"] / r["extract_features"]["median_s"]
             results.append(r)
-    harness.report("features", {"machine": info, "args": vars(a), "results": results}, table, list(table[0]))
+    harness.report("features" + ("_quick" if a.quick else ""), {"machine": info, "args": vars(a), "results": results}, table, list(table[0]))
 
 
 if __name__ == "__main__":

@@ -212,7 +212,7 @@ def main() -> None:
         }
         for side in ("lit_align", "trl")
     ]
-    harness.report(f"grpo_{a.config}", {"machine": info, "args": vars(a), **result}, rows, list(rows[0]))
+    harness.report(f"grpo_{a.config}" + ("_quick" if a.quick else ""), {"machine": info, "args": vars(a), **result}, rows, list(rows[0]))
 
 
 if __name__ == "__main__":

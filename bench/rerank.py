@@ -140,7 +140,7 @@ def main() -> None:
             "vs re-ranking": result["online_over_rerank"],
         },
     ]
-    harness.report(f"rerank_{a.config}", {"machine": info, **result}, rows, ["what", "median s", "n", "vs DPO step", "vs re-ranking"])
+    harness.report(f"rerank_{a.config}" + ("_quick" if a.quick else ""), {"machine": info, **result}, rows, ["what", "median s", "n", "vs DPO step", "vs re-ranking"])
 
 
 if __name__ == "__main__":

@@ -145,7 +145,7 @@ def main() -> None:
             for side in ("lit_align", "trl"):
                 rows.append({"config": config, "side": side, "step s (median)": r[side]["median_s"],
                              "real tok/s": r[side]["tokens_per_s"], "speedup vs TRL": r["trl"]["median_s"] / r[side]["median_s"]})
-    harness.report("reward", {"machine": info, "args": vars(a), "results": results}, rows, list(rows[0]))
+    harness.report("reward" + ("_quick" if a.quick else ""), {"machine": info, "args": vars(a), "results": results}, rows, list(rows[0]))
 
 
 if __name__ == "__main__":

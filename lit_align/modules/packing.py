@@ -17,8 +17,8 @@ The LM head then runs only at positions whose next token is a completion token:
 
     log π(y | x) = Σ_{t ∈ completion} log softmax(W h_{t-1})[y_t]
 
-The result equals the padded forward's up to float rounding (tests/test_dpo_loss.py checks it
-against TRL). Used for plain (or PEFT-wrapped) decoder-only causal LMs; anything else — FSDP2-sharded
+The result equals the padded forward's up to float rounding (tests/test_packing.py; and
+tests/test_dpo_loss.py through TRL's loss). Used for plain (or PEFT-wrapped) decoder-only causal LMs; anything else — FSDP2-sharded
 models, logit soft-capping or scaling — takes the padded path.
 """
 
@@ -37,7 +37,7 @@ class Packing:
     """Where each real token of a right-padded [N, T] batch sits in the packed [R, W] batch."""
 
     src: Tensor  # flat indices into [N * T] of the real tokens
-    dst: Tensor  # their flat indices into [R * W]
+    dst: Tensor  # their flat indices into [R * W] (a shared prompt's two copies map to one place)
     padded_shape: tuple[int, int]
     packed_shape: tuple[int, int]
     position_ids: Tensor  # [R, W]: each token's position within its own sequence
