@@ -114,6 +114,11 @@ def train_one(
     from lit_align.modules.reward import RewardModule
 
     L.seed_everything(seed, verbose=False)
+    n_rows = sum(1 for line in data_path.read_text().splitlines() if line.strip())
+    n_train = n_rows - int(round(n_rows * val_fraction))
+    if n_train < batch_size:  # small categories still train, on every pair each step
+        log.warning("%s: %d training pairs, fewer than batch_size=%d; using batch_size=%d", category, n_train, batch_size, max(n_train, 1))
+        batch_size = max(n_train, 1)
     module = RewardModule(
         backbone, head=head, margin=margin, center_rewards_coefficient=center_rewards_coefficient,
         optimizer=functools.partial(torch.optim.AdamW, lr=lr, weight_decay=weight_decay),
