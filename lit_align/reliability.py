@@ -20,6 +20,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import random
 from pathlib import Path
@@ -75,6 +76,7 @@ class NonFiniteGuard(Callback):
         self._bad_loss: Optional[float] = None
         self._batches: list[tuple[int, list]] = []  # (batch_idx, row indices) since the last step
         self._stepped = False
+        self._grad_norm = 0.0
 
     @property
     def state_key(self) -> str:
@@ -101,8 +103,9 @@ class NonFiniteGuard(Callback):
         if not self.enabled:
             return
         params = [p for group in optimizer.param_groups for p in group["params"]]
-        grads_ok = all(bool(torch.isfinite(_local(p.grad)).all()) for p in params if p.grad is not None)
-        local_bad = self._bad_loss is not None or not grads_ok
+        # one fused norm and one sync: NaN/inf in any gradient makes the norm NaN/inf
+        self._grad_norm = float(torch.nn.utils.get_total_norm([_local(p.grad) for p in params if p.grad is not None]))
+        local_bad = self._bad_loss is not None or not math.isfinite(self._grad_norm)
         self._stepped = True
         # DDP/FSDP: every rank takes the same decision, or the healthy ones would hang
         if not trainer.strategy.reduce_boolean_decision(local_bad, all=False):
@@ -133,6 +136,8 @@ class NonFiniteGuard(Callback):
         what = [f"loss = {self._bad_loss}"] if self._bad_loss is not None else []
         if count:
             what.append(f"non-finite gradients in {count} parameters (e.g. {', '.join(bad)})")
+        elif not math.isfinite(self._grad_norm):
+            what.append(f"the gradient norm overflows ({self._grad_norm})")
         if not what:
             what.append("non-finite values on another rank")
         batches = ", ".join(f"batch {b} (rows index {rows})" for b, rows in self._batches) or "batch ?"

@@ -10,6 +10,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.distributed
+
 SCRIPT = Path(__file__).resolve().parent / "reliability_scripts" / "ddp_kill_rank.py"
 HH = "hh_rlhf_harmless_base_test.jsonl.gz"
 

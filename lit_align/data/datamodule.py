@@ -162,11 +162,13 @@ class AlignDataModule(L.LightningDataModule):
                 f"{self.batch_size}; lower the batch size or add data"
             )
         # the order is a function of (seed, epoch) and the position is checkpointed: exact resume
-        trainer = self.trainer
+        # data-parallel shards as the strategy defines them (tensor-parallel ranks share data)
+        strategy = self.trainer.strategy if self.trainer is not None else None
+        shards = getattr(strategy, "distributed_sampler_kwargs", None) or {}
         self.train_sampler = ResumableSampler(
             self.train_set,
-            num_replicas=trainer.world_size if trainer is not None else 1,
-            rank=trainer.global_rank if trainer is not None else 0,
+            num_replicas=shards.get("num_replicas", 1),
+            rank=shards.get("rank", 0),
             shuffle=self.shuffle,
             seed=self.seed,
         )
