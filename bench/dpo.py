@@ -1,8 +1,9 @@
 """DPO step: lit_align (Lightning `Trainer.fit` on AlignDataModule) vs TRL's `DPOTrainer.training_step`.
 
-    python -m bench.dpo                      # llama-1m, llama-30m, smollm2-lora
-    python -m bench.dpo --quick              # fewer steps, no SmolLM2
-    python -m bench.dpo --configs llama-30m --steps 10 --warmup 2
+    python -m bench.dpo                      # llama-1m, llama-30m, smollm2-lora at <= 256 tokens (slow on a CPU)
+    python -m bench.dpo --configs llama-1m --baseline   # also time the padded forward (packing=False)
+    python -m bench.dpo --configs llama-30m --max-prompt 32 --max-completion 32
+    python -m bench.dpo --quick              # smoke run: llama-1m, 5 steps, <= 64 + 64 tokens
 
 Both sides get identical weights (one saved directory), identical tokens (lit_align's encoded
 HH-RLHF pairs; TRL pads them with its own `DataCollatorForPreference`) and the same batches in the
