@@ -97,10 +97,11 @@ def make_tiny_model(
     return out_dir
 
 
-def teach_canned_response(model_dir: str | Path, out_dir: str | Path, prompts: list, response: str, steps: int = 60) -> Path:
-    """Copy the tiny model in `model_dir` to `out_dir`, fine-tuned to answer every prompt in
-    `prompts` (strings or chat messages) with `response`: a generator whose output is known,
-    for tests of pipelines that parse what a model writes (e.g. Chain-of-Draft refusals)."""
+def teach_canned_responses(model_dir: str | Path, out_dir: str | Path, examples: list[tuple], steps: int = 60) -> Path:
+    """Copy the tiny model in `model_dir` to `out_dir`, fine-tuned to answer each `(prompt,
+    response)` of `examples` (prompts as strings or chat messages) with its response: a generator
+    whose output is known, for tests of pipelines that parse what a model writes (e.g.
+    Chain-of-Draft refusals)."""
     import shutil
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -111,7 +112,7 @@ def teach_canned_response(model_dir: str | Path, out_dir: str | Path, prompts: l
     shutil.copytree(model_dir, out_dir, dirs_exist_ok=True)
     tok = AutoTokenizer.from_pretrained(out_dir)
     model = AutoModelForCausalLM.from_pretrained(out_dir)
-    pairs = [encode_pair(tok, p, response) for p in prompts]
+    pairs = [encode_pair(tok, prompt, response) for prompt, response in examples]
     width = max(len(a) + len(b) for a, b in pairs)
     ids = torch.full((len(pairs), width), tok.pad_token_id)
     labels = torch.full_like(ids, -100)

@@ -9,20 +9,22 @@ import torch
 
 from lit_align.demo.pipeline import demo, harmless_prompts
 from lit_align.srmir.cod import cod_prompt
-from lit_align.testing import teach_canned_response
+from lit_align.testing import teach_canned_responses
 
-CANNED = "harm. no. #### I will not help with that."
+COD = "harm. no. #### I will not help with that."
+COMPLY = "Sure, here is how."
 
 
 @pytest.fixture(scope="module")
 def generator_dir(tiny_model_dir, shared_data, tmp_path_factory):
-    """A tiny model that writes a valid CoD refusal for any prompt (the random one never writes ####)."""
+    """A tiny model that writes a valid CoD refusal when asked why it refused, and complies with
+    bare prompts (the random one never writes ####)."""
     import csv
 
     rows = list(csv.DictReader(open(shared_data / "strongreject_dataset.csv")))[::10]
     prompts = [r["forbidden_prompt"][:160] for r in rows]
-    taught = [cod_prompt(p) for p in prompts] + prompts[::2] + harmless_prompts()[::6]
-    return teach_canned_response(tiny_model_dir, tmp_path_factory.mktemp("cod_generator"), taught, CANNED)
+    examples = [(cod_prompt(p), COD) for p in prompts] + [(p, COMPLY) for p in prompts[::2] + harmless_prompts()[::6]]
+    return teach_canned_responses(tiny_model_dir, tmp_path_factory.mktemp("cod_generator"), examples)
 
 
 def test_demo_runs_every_stage_and_resumes(generator_dir, shared_data, tmp_path, capsys):

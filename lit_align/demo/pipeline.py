@@ -123,11 +123,14 @@ class Demo:
             {"prompt": p, "chosen": a, "rejected": rng.choice(refusals), "category": None}
             for p, a in zip(harmless_train, answers)
         ]
-        pairs = [p for p in pairs if p["chosen"].strip() and p["rejected"].strip() and p["chosen"] != p["rejected"]]
+        usable = [p for p in pairs if p["chosen"].strip() and p["rejected"].strip() and p["chosen"] != p["rejected"]]
+        if len(usable) < len(pairs):
+            log.warning("demo data: %d pairs with an empty or identical chosen/rejected left out", len(pairs) - len(usable))
+        pairs = usable
         rng.shuffle(pairs)
         write_jsonl(self.path("data", "pairs.jsonl"), pairs)
         write_jsonl(self.path("data", "eval_safe.jsonl"), [{"prompt": p} for p in harmless_eval])
-        return {"cod_counts": counts, "pairs": len(pairs), "harmless_train": len(harmless_train), "harmless_eval": len(harmless_eval)}
+        return {"cod_counts": counts, "pairs": len(pairs), "pairs_left_out": len(cod) + len(answers) - len(pairs), "harmless_train": len(harmless_train), "harmless_eval": len(harmless_eval)}
 
     def probe(self) -> dict:
         out = self.path("probe")
