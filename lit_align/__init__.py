@@ -29,6 +29,9 @@ _EXPORTS: dict[str, str] = {
     "HFGenerator": "lit_align.generation",
     "SamplingConfig": "lit_align.generation",
     # -- registry: one line per public name --
+    "NonFiniteGuard": "lit_align.reliability",
+    "AtomicCheckpointIO": "lit_align.reliability",
+    "reliability_callbacks": "lit_align.reliability",
     "RewardModule": "lit_align.modules.reward",
     "bradley_terry_loss": "lit_align.losses.reward",
     "BradleyTerryLoss": "lit_align.losses.reward",
