@@ -108,6 +108,7 @@ class Demo:
         counts = build_cod(
             sources, str(self.path("data", "cod.jsonl")), policy, unmapped="other", per_category=self.per_category,
             balance_mode="up",  # StrongREJECT + HarmBench-val have only 4 insult prompts
+            one_shot=True,  # SmolLM2 rarely writes the #### answer from the SPEC prompt alone
             categories=None, cod_sampling=sampling, rejected_sampling=sampling, seed=self.seed, progress=self.progress,
         )
         cod = read_jsonl(self.path("data", "cod.jsonl"))
