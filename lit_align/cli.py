@@ -31,6 +31,10 @@ def _load(target: str):
 
 
 def main(args: list[str] | None = None) -> None:
+    from jsonargparse import set_parsing_settings
+
+    # dataclass fields' docstrings (PolicyConfig, SamplingConfig, ...) become --help text
+    set_parsing_settings(docstring_parse_attribute_docstrings=True)
     argv = list(sys.argv[1:] if args is None else args)
     if argv and argv[0] in COMMANDS:
         from jsonargparse import auto_cli
