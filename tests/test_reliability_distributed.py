@@ -33,4 +33,6 @@ def test_surviving_rank_fails_clearly_when_the_other_dies(tiny_model_dir, shared
             pass
     assert proc.returncode == 1, err[-3000:]
     assert "rank 0 of 2: training stopped at step 2 (epoch 0) because a collective operation failed" in err
-    assert "another process of this run died, hung or lost its connection" in err and "Connection closed by peer" in err
+    # our diagnosis, followed by the collective's own error (gloo words it differently across builds
+    # and timings: "Connection closed by peer", "... remote worker hanging or bugs ...")
+    assert "another process of this run died, hung or lost its connection (" in err

@@ -83,8 +83,9 @@ def load_checkpoint_policy(path: str, dtype: Optional[str] = None):
     if not file.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist (sharded directories: run `lit-align export` first)")
     try:
-        with torch.serialization.safe_globals([PolicyConfig, LoraArgs]):
-            ckpt = torch.load(file, map_location="cpu", weights_only=True)
+        # lit_align.models allow-lists its config dataclasses for weights_only loading (a
+        # `safe_globals` context here would un-register them on exit for the whole process)
+        ckpt = torch.load(file, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         raise ValueError(f"{path}: not loadable with weights_only=True ({str(err).splitlines()[0]})") from err
     hparams = ckpt.get("hyper_parameters") or {}
