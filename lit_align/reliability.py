@@ -26,7 +26,6 @@ import random
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
-import lightning as L
 import numpy as np
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO

@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import json
-import shutil
 from collections import Counter
 
 import pytest
 import torch
 import yaml
 
-from lit_align.data.render import encode_pair
 from lit_align.generation import SamplingConfig
 from lit_align.srmir.categories import CATEGORIES, PromptSource
 from lit_align.srmir.cod import COD_TEMPLATE, balance, build_cod, cod_prompt, collect_prompts, is_valid_cod
+from lit_align.testing import teach_canned_responses
 
 CANNED = "harm. no. #### I will not help with that."
 
@@ -28,35 +27,11 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def cod_model_dir(tiny_model_dir, tmp_path_factory, shared_data):
-    """The tiny model taught (50 Adam steps on real prompts) to answer with a canned CoD: a stand-in
-    generator that follows the format, so that the pipeline, not the model, is under test."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    out = tmp_path_factory.mktemp("cod_model")
-    shutil.copytree(tiny_model_dir, out, dirs_exist_ok=True)
-    tok = AutoTokenizer.from_pretrained(out)
-    model = AutoModelForCausalLM.from_pretrained(out)
+    """The tiny model taught (60 Adam steps on real prompts) to answer any prompt with a canned CoD."""
     rows = collect_prompts(_sources(shared_data, max_prompt_chars=160), "error", "error", True, seed=0)
-    plan, _ = balance(rows, list(CATEGORIES), "down", 2, seed=0)  # the prompts the build test draws
-    texts = [r["prompt"] for r in plan] + [r["prompt"] for r in rows[::40]]
-    pairs = [encode_pair(tok, cod_prompt(p), CANNED) for p in texts] + [encode_pair(tok, p, CANNED) for p in texts[::3]]
-    width = max(len(a) + len(b) for a, b in pairs)
-    ids = torch.full((len(pairs), width), tok.pad_token_id)
-    labels = torch.full_like(ids, -100)
-    mask = torch.zeros_like(ids)
-    for i, (a, b) in enumerate(pairs):
-        ids[i, : len(a) + len(b)] = torch.tensor(a + b)
-        labels[i, len(a) : len(a) + len(b)] = torch.tensor(b)
-        mask[i, : len(a) + len(b)] = 1
-    torch.manual_seed(0)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for _ in range(50):
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.save_pretrained(out)
-    return out
+    texts = [r["prompt"] for r in rows[::7]]
+    examples = [(cod_prompt(p), CANNED) for p in texts] + [(p, CANNED) for p in texts[::3]]
+    return teach_canned_responses(tiny_model_dir, tmp_path_factory.mktemp("cod_model"), examples)
 
 
 def _sources(shared_data, max_prompt_chars=None):

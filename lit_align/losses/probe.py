@@ -5,7 +5,6 @@ Pure math: tensors in, tensors out; no model, no Lightning.
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 
