@@ -142,8 +142,8 @@ class Demo:
             f"--trainer.default_root_dir={out}",
             f"--data.path={self.path('data', 'pairs.jsonl')}",
         )
-        table = (out / "per_layer_auroc.md")
-        return {"probe": str(out / "probe.safetensors"), "per_layer_auroc": table.read_text() if table.exists() else None}
+        tables = sorted(out.rglob("per_layer_auroc.md"))  # in the run's log directory
+        return {"probe": str(out / "probe.safetensors"), "per_layer_auroc": tables[-1].read_text() if tables else None}
 
     def dpo(self) -> dict:
         out = self.path("dpo")
