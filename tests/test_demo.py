@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lit_align.demo.pipeline import demo, harmless_prompts
-from lit_align.srmir.cod import cod_prompt
+from lit_align.srmir.cod import cod_messages
 from lit_align.testing import teach_canned_responses
 
 COD = "harm. no. #### I will not help with that."
@@ -23,7 +23,8 @@ def generator_dir(tiny_model_dir, shared_data, tmp_path_factory):
 
     rows = list(csv.DictReader(open(shared_data / "strongreject_dataset.csv")))[::10]
     prompts = [r["forbidden_prompt"][:160] for r in rows]
-    examples = [(cod_prompt(p), COD) for p in prompts] + [(p, COMPLY) for p in prompts[::2] + harmless_prompts()[::6]]
+    cod_requests = [(cod_messages(p, one_shot=True), COD) for p in prompts]  # as the demo asks (one-shot)
+    examples = cod_requests + [(p, COMPLY) for p in prompts[::2] + harmless_prompts()[::6]]
     return teach_canned_responses(tiny_model_dir, tmp_path_factory.mktemp("cod_generator"), examples)
 
 
@@ -51,7 +52,12 @@ def test_demo_runs_every_stage_and_resumes(generator_dir, shared_data, tmp_path,
     assert len(counts) == 7
     # every CoD written (the rest dropped, counted, for a missing ####) became a pair
     assert len(harmful) == sum(v["written"] for v in counts.values()) >= 7
-    assert all(p["chosen"] == "I will not help with that." for p in harmful)
+    # chosen: the CoD's answer after ####; rejected: the policy's own response to the bare prompt
+    cod = {r["prompt"]: r for r in map(json.loads, open(tmp_path / "demo" / "data" / "cod.jsonl"))}
+    for pair in harmful:
+        record = cod[pair["prompt"]]
+        assert pair["chosen"] == record["chosen"].split("####", 1)[1].strip()
+        assert pair["rejected"] == record["rejected"]
     assert results["data"]["harmless_train"] == 60
     assert (tmp_path / "demo" / "probe" / "probe.safetensors").exists()
     assert (tmp_path / "demo" / "dpo" / "aligned" / "config.json").exists()
