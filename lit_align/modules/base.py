@@ -66,8 +66,10 @@ class AlignModule(L.LightningModule):
 
     # ------------------------------------------------------------------ lean checkpoints
     def _frozen_keys(self) -> set[str]:
-        trainable = {name for name, p in self.named_parameters() if p.requires_grad}
-        return {name for name, _ in self.named_parameters() if name not in trainable}
+        # from the state dict, not named_parameters(): a tied weight (lm_head = embeddings) has
+        # one parameter but two state-dict keys
+        state = self.state_dict(keep_vars=True)
+        return {k for k, v in state.items() if isinstance(v, torch.nn.Parameter) and not v.requires_grad}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         state = checkpoint.get("state_dict")
