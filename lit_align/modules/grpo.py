@@ -2,7 +2,7 @@
 
 One training step (one batch of B prompts):
 
-    rollout   = generate G completions per prompt       # policy, KV cache, seeded
+    rollout   = generate G completions per prompt       # policy, prompt's KV cache shared, seeded
     rewards   = [source(prompts, completions, **columns) for source in reward_funcs]  # [B·G, K]
     Â         = compute_advantages(rewards, weights)    # group-relative
     old, ref  = log π_old, log π_ref on the completions  # only when needed
@@ -33,7 +33,9 @@ from lit_align.generation import Generator, HFGenerator, SamplingConfig
 from lit_align.losses.grpo import LOSS_TYPES, compute_advantages, grpo_loss, nanstd, token_logps_and_entropy
 from lit_align.models import PolicyConfig, export_hf, load_causal_lm, load_tokenizer, resolve_name
 from lit_align.modules.base import AlignModule, default_optimizer
+from lit_align.modules.shared_prompt import completion_logits
 from lit_align.rewards import resolve_reward_source, score_completions, unique_names
+from lit_align.sampling import LeanGenerator
 from lit_align.sharding import gathered_parameters
 
 log = logging.getLogger(__name__)
@@ -96,7 +98,9 @@ class GRPOModule(AlignModule):
         max_grad_norm: Clip the gradient norm before each step (None: no clipping).
         reference: "copy" (a frozen second model) or "lora_base" (adapters disabled); default:
             "lora_base" for a LoRA policy, else "copy". Unused when beta = 0.
-        generation_backend: "hf" (transformers `generate`) or "vllm" (untested, needs a GPU).
+        generation_backend: "lean" (`lit_align.sampling`: a prompt prefilled once for its G completions,
+            a tight decode loop), "hf" (transformers `generate`: models without a `DynamicCache`)
+            or "vllm" (untested, needs a GPU).
         vllm: Keyword arguments for `lit_align.generation.VLLMGenerator`.
         generation_seed: Sampling seed; step s samples with seed + s (None: unseeded).
         log_completions_every_n_steps: Append sample completions to `completions.csv` in the
@@ -132,7 +136,7 @@ class GRPOModule(AlignModule):
         micro_batch_size: Optional[int] = None,
         max_grad_norm: Optional[float] = 1.0,
         reference: Optional[str] = None,
-        generation_backend: str = "hf",
+        generation_backend: str = "lean",
         vllm: Optional[dict] = None,
         generation_seed: Optional[int] = 0,
         log_completions_every_n_steps: int = 10,
@@ -159,8 +163,8 @@ class GRPOModule(AlignModule):
             raise ValueError(f"model.reference={reference!r}: choose one of {REFERENCES}")
         if reference == "lora_base" and policy.lora is None:
             raise ValueError("model.reference='lora_base' needs model.policy.lora (the base is the reference)")
-        if generation_backend not in ("hf", "vllm"):
-            raise ValueError(f"model.generation_backend={generation_backend!r}: choose 'hf' or 'vllm'")
+        if generation_backend not in ("lean", "hf", "vllm"):
+            raise ValueError(f"model.generation_backend={generation_backend!r}: choose 'lean', 'hf' or 'vllm'")
         # reward_funcs may be objects; max_completion_length would clash with the DataModule's
         # hparam of the same name (unused in prompts mode). Pass both again to load_from_checkpoint.
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler", "reward_funcs", "max_completion_length"])
@@ -222,12 +226,10 @@ class GRPOModule(AlignModule):
 
     # ------------------------------------------------------------------ log-probs
     def token_logps(self, model, part: Rollout) -> tuple[Tensor, Tensor]:
-        """log π(y_t | x, y_<t) and the entropy at every completion position, `[n, C]` each."""
-        input_ids = torch.cat([part.prompt_ids, part.completion_ids], dim=1)
-        attention_mask = torch.cat([part.prompt_mask, part.completion_mask], dim=1)
-        c = part.completion_ids.shape[1]
-        out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, logits_to_keep=c + 1)
-        return token_logps_and_entropy(out.logits[:, :-1], part.completion_ids, self.sampling.temperature)
+        """log π(y_t | x, y_<t) and the entropy at every completion position, `[n, C]` each
+        (rows sharing a prompt compute it once: `lit_align.modules.shared_prompt`)."""
+        logits = completion_logits(model, part.prompt_ids, part.prompt_mask, part.completion_ids, part.completion_mask)
+        return token_logps_and_entropy(logits, part.completion_ids, self.sampling.temperature)
 
     def micro_batches(self, part: Rollout) -> list[Rollout]:
         size = self.micro_batch_size or len(part)
@@ -251,7 +253,7 @@ class GRPOModule(AlignModule):
     def sample(self, batch: dict, seed: Optional[int]):
         """G completions per prompt from the current policy."""
         if self.generator is None:
-            self.generator = HFGenerator(self.policy, self.tokenizer)
+            self.generator = (LeanGenerator if self.generation_backend == "lean" else HFGenerator)(self.policy, self.tokenizer)
         self.generator.sync_weights(self.policy)
         # FSDP2: gather the weights once for decoding; peft's generate skips the root unit (no-op unsharded)
         with gathered_parameters(self.policy):
