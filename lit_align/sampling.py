@@ -51,8 +51,10 @@ def draw(probs: Tensor, generator: Optional[torch.Generator]) -> Tensor:
     """One token per row by inverting the CDF at a uniform draw: one random number per row
     (`torch.multinomial` draws one per vocabulary entry). Zero-probability tokens are never picked."""
     cdf = probs.cumsum(-1)
-    u = torch.rand(len(probs), 1, generator=generator, device=probs.device) * cdf[:, -1:]
-    return torch.searchsorted(cdf, u, right=True).squeeze(1).clamp(max=probs.shape[-1] - 1)
+    total = cdf[:, -1:]
+    u = torch.rand(len(probs), 1, generator=generator, device=probs.device) * total
+    u = u.minimum(total.nextafter(torch.zeros_like(total)))  # strictly below the total, even after rounding
+    return torch.searchsorted(cdf, u, right=True).squeeze(1)
 
 
 def penalize_repeats(logits: Tensor, seen: Tensor, penalty: float) -> Tensor:
