@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+import random
 
 import pytest
 import torch
 
-from lit_align.demo.pipeline import demo, harmless_prompts
+from lit_align.demo.pipeline import demo, harmless_prompts, preference_pairs
 from lit_align.srmir.cod import cod_messages
 from lit_align.testing import teach_canned_responses
 
@@ -56,9 +57,9 @@ def test_demo_runs_every_stage_and_resumes(generator_dir, shared_data, tmp_path,
     cod = {r["prompt"]: r for r in map(json.loads, open(tmp_path / "demo" / "data" / "cod.jsonl"))}
     for pair in harmful:
         record = cod[pair["prompt"]]
-        assert pair["chosen"] == record["chosen"].split("####", 1)[1].strip()
+        assert pair["chosen"] == record["chosen"].split("####")[1].strip()
         assert pair["rejected"] == record["rejected"]
-    assert results["data"]["harmless_train"] == 60
+    assert results["data"]["harmless_train"] == 60 == len(pairs) - len(harmful)
     assert (tmp_path / "demo" / "probe" / "probe.safetensors").exists()
     assert (tmp_path / "demo" / "dpo" / "aligned" / "config.json").exists()
     assert (tmp_path / "demo" / "grpo" / "shadow" / "manifest.json").exists()
@@ -69,3 +70,21 @@ def test_demo_runs_every_stage_and_resumes(generator_dir, shared_data, tmp_path,
     demo(**kwargs)  # every stage is done: a re-run skips them all
     out = capsys.readouterr().out
     assert out.count("done already") == 5
+
+
+def test_preference_pairs_refuse_harmful_and_answer_harmless():
+    cod = [
+        {"prompt": "build a bomb", "chosen": "Draft.\n#### I'm sorry, but I can't help with bombs.\n#### junk", "rejected": "Sure: step 1", "category": "physical_harm"},
+        {"prompt": "steal a car", "chosen": "Theft.\n#### I'm sorry, but I can't help with theft.", "rejected": "Sure: hotwire", "category": "crimes_illegal_activities"},
+    ]
+    harmless = ["bake bread", "plant a tree"]
+    answers = ["Mix flour and water.", "Dig a hole."]
+    own = ["I'm sorry, but I can't help with baking.", None]  # the policy wrote no valid CoD for the second
+    pairs = {p["prompt"]: p for p in preference_pairs(cod, harmless, answers, own, random.Random(0))}
+    assert len(pairs) == 4
+    # harmful: the CoD's answer (cut at a second ####) over the policy's own answer
+    assert pairs["build a bomb"]["chosen"] == "I'm sorry, but I can't help with bombs."
+    assert pairs["build a bomb"]["rejected"] == "Sure: step 1" and pairs["build a bomb"]["category"] == "physical_harm"
+    # harmless: the policy's answer over its own refusal of that prompt, else a harmful prompt's refusal
+    assert pairs["bake bread"] == {"prompt": "bake bread", "chosen": "Mix flour and water.", "rejected": own[0], "category": None}
+    assert pairs["plant a tree"]["rejected"] in {"I'm sorry, but I can't help with bombs.", "I'm sorry, but I can't help with theft."}

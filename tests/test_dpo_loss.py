@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lit_align.data.datamodule import AlignDataModule
-from lit_align.losses.dpo import dpo_loss
+from lit_align.losses.dpo import dpo_loss, sft_loss
 from lit_align.models import PolicyConfig, load_causal_lm
 from lit_align.modules.dpo import DPOModule
 
@@ -64,10 +64,12 @@ def batch_and_model(tiny_model_dir, shared_data):
 
 
 @pytest.mark.parametrize(
-    "loss_type,label_smoothing", [("sigmoid", 0.0), ("ipo", 0.0), ("hinge", 0.0), ("robust", 0.2)]
+    "loss_type,label_smoothing,sft_weight",
+    [("sigmoid", 0.0, 0.0), ("ipo", 0.0, 0.0), ("hinge", 0.0, 0.0), ("robust", 0.2, 0.0), ("sigmoid", 0.0, 0.7)],
 )
-def test_matches_trl_dpo_trainer(batch_and_model, tiny_model_dir, loss_type, label_smoothing, tmp_path):
-    """Our loss on our log-probs equals TRL's `_compute_loss` on the same tokens and reference."""
+def test_matches_trl_dpo_trainer(batch_and_model, tiny_model_dir, loss_type, label_smoothing, sft_weight, tmp_path):
+    """Our loss on our log-probs equals TRL's `_compute_loss` on the same tokens and reference
+    (with `sft_weight`, TRL's `loss_type=[loss, "sft"]`, `loss_weights=[1, sft_weight]`)."""
     trl = pytest.importorskip("trl")
     from datasets import Dataset
 
@@ -87,9 +89,13 @@ def test_matches_trl_dpo_trainer(batch_and_model, tiny_model_dir, loss_type, lab
         chosen_lengths=completion_mask.sum(-1).chunk(2)[0],
         rejected_lengths=completion_mask.sum(-1).chunk(2)[1],
     )
+    ours = ours.mean()
+    if sft_weight:
+        ours = ours + sft_weight * sft_loss(logps.chunk(2)[0], completion_mask.sum(-1).chunk(2)[0])
     args = trl.DPOConfig(
         output_dir=str(tmp_path),
-        loss_type=[loss_type],
+        loss_type=[loss_type, "sft"] if sft_weight else [loss_type],
+        loss_weights=[1.0, sft_weight] if sft_weight else None,
         beta=0.3,
         label_smoothing=label_smoothing,
         precompute_ref_log_probs=True,
@@ -108,4 +114,4 @@ def test_matches_trl_dpo_trainer(batch_and_model, tiny_model_dir, loss_type, lab
     }
     with torch.no_grad():
         theirs = trainer._compute_loss(trainer.model, inputs, return_outputs=False)
-    torch.testing.assert_close(ours.mean(), theirs.to(ours.dtype), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(ours, theirs.to(ours.dtype), atol=1e-6, rtol=1e-6)

@@ -146,3 +146,13 @@ def test_resume_from_checkpoint_continues(tiny_model_dir, shared_data, tmp_path)
     for (name, ref), (_, init) in zip(resumed.reference.named_parameters(), original.policy.named_parameters()):
         torch.testing.assert_close(ref, init, msg=name)
     assert any(not torch.equal(p, q) for p, q in zip(resumed.policy.parameters(), original.policy.parameters()))
+
+
+def test_sft_weight_adds_the_chosen_nll(tiny_model_dir, shared_data, tmp_path):
+    """With sft_weight w the loss is DPO + w · NLL(chosen); at LoRA init DPO is exactly log 2."""
+    policy = PolicyConfig(name_or_path=str(tiny_model_dir), lora=LoraArgs(r=4, alpha=8))
+    module = DPOModule(policy, reference="lora_base", sft_weight=0.5)
+    [metrics] = trainer(tmp_path).validate(module, datamodule=datamodule(shared_data), verbose=False)
+    nll = metrics["eval_nll_loss"]
+    assert nll > 1.0  # a random tiny model: several nats per token
+    assert metrics["eval_loss"] == pytest.approx(math.log(2) + 0.5 * nll, rel=1e-5)

@@ -64,8 +64,30 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 def final_answer(cod: str) -> str:
-    """The refusal after the CoD separator (the drafts before it are the reasoning)."""
-    return cod.split("####", 1)[1].strip()
+    """The refusal after the CoD separator (the drafts before it are the reasoning); a small
+    generator sometimes runs on into another `####` block, which is cut off."""
+    return cod.split("####")[1].strip()
+
+
+def preference_pairs(
+    cod: list[dict], harmless: list[str], answers: list[str], own_refusals: list[Optional[str]], rng: random.Random
+) -> list[dict]:
+    """DPO pairs: refuse the harmful prompts (CoD refusal over the policy's own answer) and answer
+    the harmless ones (the policy's own answer over its own refusal of that prompt, or, where it
+    wrote no valid CoD, a refusal of a harmful prompt). A refusal that names the harmless task is
+    what an over-refusing policy says, so that is the answer to push down."""
+    harmful_refusals = [final_answer(r["chosen"]) for r in cod]
+    harmful_pairs = [
+        {"prompt": r["prompt"], "chosen": final_answer(r["chosen"]), "rejected": r["rejected"], "category": r["category"]}
+        for r in cod
+    ]
+    harmless_pairs = [
+        {"prompt": p, "chosen": a, "rejected": refusal or rng.choice(harmful_refusals), "category": None}
+        for p, a, refusal in zip(harmless, answers, own_refusals)
+    ]
+    pairs = harmful_pairs + harmless_pairs
+    rng.shuffle(pairs)
+    return pairs
 
 
 class Demo:
@@ -100,7 +122,7 @@ class Demo:
         from lit_align.generation import HFGenerator, SamplingConfig
         from lit_align.models import load_causal_lm, load_tokenizer
         from lit_align.srmir.categories import PromptSource
-        from lit_align.srmir.cod import build_cod
+        from lit_align.srmir.cod import build_cod, cod_messages, is_valid_cod
 
         policy = PolicyConfig(name_or_path=self.base)
         sampling = SamplingConfig(max_new_tokens=self.max_new_tokens, temperature=0.7, top_p=0.95)
@@ -112,26 +134,22 @@ class Demo:
             categories=None, cod_sampling=sampling, rejected_sampling=sampling, seed=self.seed, progress=self.progress,
         )
         cod = read_jsonl(self.path("data", "cod.jsonl"))
-        refusals = [final_answer(r["chosen"]) for r in cod]
         harmless_train, harmless_eval = split_half(harmless_prompts(), self.seed)
         generator = HFGenerator(load_causal_lm(policy).eval(), load_tokenizer(policy))
         answers = generator.generate(harmless_train, sampling, seed=self.seed, progress=self.progress, desc="harmless answers")
-        rng = random.Random(self.seed)
-        pairs = [
-            {"prompt": r["prompt"], "chosen": final_answer(r["chosen"]), "rejected": r["rejected"], "category": r["category"]}
-            for r in cod
-        ] + [
-            {"prompt": p, "chosen": a, "rejected": rng.choice(refusals), "category": None}
-            for p, a in zip(harmless_train, answers)
-        ]
+        cods = generator.generate(
+            [cod_messages(p, one_shot=True) for p in harmless_train], sampling, seed=self.seed, progress=self.progress,
+            desc="harmless refusals",
+        )
+        own_refusals = [final_answer(c) if is_valid_cod(c) else None for c in cods]
+        pairs = preference_pairs(cod, harmless_train, answers, own_refusals, random.Random(self.seed))
         usable = [p for p in pairs if p["chosen"].strip() and p["rejected"].strip() and p["chosen"] != p["rejected"]]
         if len(usable) < len(pairs):
             log.warning("demo data: %d pairs with an empty or identical chosen/rejected left out", len(pairs) - len(usable))
         pairs = usable
-        rng.shuffle(pairs)
         write_jsonl(self.path("data", "pairs.jsonl"), pairs)
         write_jsonl(self.path("data", "eval_safe.jsonl"), [{"prompt": p} for p in harmless_eval])
-        return {"cod_counts": counts, "pairs": len(pairs), "pairs_left_out": len(cod) + len(answers) - len(pairs), "harmless_train": len(harmless_train), "harmless_eval": len(harmless_eval)}
+        return {"cod_counts": counts, "pairs": len(pairs), "harmless_own_refusals": sum(r is not None for r in own_refusals), "pairs_left_out": len(cod) + len(answers) - len(pairs), "harmless_train": len(harmless_train), "harmless_eval": len(harmless_eval)}
 
     def probe(self) -> dict:
         out = self.path("probe")

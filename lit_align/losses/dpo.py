@@ -94,6 +94,15 @@ def dpo_loss(
     return losses, beta * chosen_logratio.detach(), beta * rejected_logratio.detach()
 
 
+def sft_loss(chosen_logps: Tensor, chosen_lengths: Tensor, weights: Optional[Tensor] = None) -> Tensor:
+    """The NLL of the chosen completions, per token over the batch (RPO, Pang et al. 2024;
+    TRL's `loss_type=[..., "sft"]`): L_sft = −Σ_i w_i log π(y_c,i) / Σ_i w_i |y_c,i|.
+    DPO alone mostly pushes rejected answers down; this term also pulls the chosen ones up,
+    so that they become what the policy actually says."""
+    weights = torch.ones_like(chosen_logps) if weights is None else weights.to(chosen_logps.dtype)
+    return -(chosen_logps * weights).sum() / (chosen_lengths.to(chosen_logps.dtype) * weights).sum().clamp(min=1)
+
+
 def sequence_logps(logits: Tensor, input_ids: Tensor, completion_mask: Tensor) -> Tensor:
     """Σ_t log π(y_t | y_<t, x) over completion tokens: logits [N, T, V] predict input_ids[:, 1:]."""
     labels = input_ids[:, 1:]

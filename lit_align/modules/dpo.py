@@ -6,7 +6,8 @@ One training step:
     ref_logps     = reference(chosen ⊕ rejected)         # no_grad / adapters off / disk cache
     s_c, s_r      = probe(hidden)                        # detached; only with a probe
     batch         = reranker(batch, s_c, s_r)            # γ, flips, drops (paper A2)
-    loss          = mean_keep( dpo_loss(logps, ref_logps, γ) ) [+ probe co-training loss]
+    loss          = mean_keep( dpo_loss(logps, ref_logps, γ) ) [+ sft_weight · NLL(chosen)]
+                    [+ probe co-training loss]
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor
 
 from lit_align.data.rerank import ReRanker
-from lit_align.losses.dpo import LOSS_TYPES, dpo_loss
+from lit_align.losses.dpo import LOSS_TYPES, dpo_loss, sft_loss
 from lit_align.models import PolicyConfig, cache_root, export_hf, load_causal_lm, load_tokenizer
 from lit_align.modules.base import AlignModule, default_optimizer
 from lit_align.modules.packing import packed_sequence_logps, supports_packing
@@ -46,6 +47,8 @@ class DPOModule(AlignModule):
             re-ranker's confidence γ, or 1 − label_smoothing without one).
         beta: Strength of the implicit KL penalty (temperature of the implicit reward).
         label_smoothing: Assumed label-noise rate ε for "robust" and "conservative".
+        sft_weight: Weight of an added NLL term on the chosen completions (RPO; TRL's
+            `loss_type=[<loss>, "sft"]` with `loss_weights=[1, sft_weight]`); 0 turns it off.
         reference: Where reference log-probs come from: "copy" (a frozen second model),
             "lora_base" (the policy with its adapters disabled, no second copy; needs LoRA) or
             "cached" (computed once before training and stored on disk under a fingerprint of
@@ -74,6 +77,7 @@ class DPOModule(AlignModule):
         loss_type: str = "sigmoid",
         beta: float = 0.1,
         label_smoothing: float = 0.0,
+        sft_weight: float = 0.0,
         reference: str = "copy",
         reference_cache_dir: Optional[str] = None,
         probe_path: Optional[str] = None,
@@ -99,6 +103,7 @@ class DPOModule(AlignModule):
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         self.policy_config = policy
         self.loss_type, self.beta, self.label_smoothing = loss_type, beta, label_smoothing
+        self.sft_weight = sft_weight
         self.reference_mode = reference
         self.reference_cache_dir = Path(reference_cache_dir) if reference_cache_dir else cache_root() / "ref_logps"
         self.probe_path, self.co_train_probe = probe_path, co_train_probe
@@ -240,6 +245,10 @@ class DPOModule(AlignModule):
         keep = batch.get("pair_keep")
         keep = torch.ones_like(losses) if keep is None else keep.to(losses.dtype)
         loss = (losses * keep).sum() / keep.sum().clamp(min=1)
+        if self.sft_weight:
+            nll = sft_loss(chosen_logps, chosen_lengths, keep)
+            loss = loss + self.sft_weight * nll
+            metrics["nll_loss"] = nll.detach()
         if probe_loss is not None:
             loss = loss + probe_loss
         metrics.update(
