@@ -1,7 +1,9 @@
 """Sampling completions from a causal LM, behind one small interface.
 
-`HFGenerator` wraps Hugging Face `generate` (KV cache, left padding, seeded). `VLLMGenerator`
-(optional, needs `pip install lit_align[vllm]` and a GPU) implements the same two calls:
+`HFGenerator` wraps Hugging Face `generate` (KV cache, left padding, seeded); `LeanGenerator`
+(lit_align.sampling: our own decode loop, the same greedy tokens, less Python per token and one
+prefill per prompt for its n samples) is what GRPO, build-cod, evaluate and rerank-candidates
+use. `VLLMGenerator` (optional, needs `pip install lit_align[vllm]` and a GPU) implements the same two calls:
 `generate_ids(prompt_ids, prompt_mask, sampling, n, seed) -> Completions` for training loops
 and `generate(prompts, ...) -> list[str]` for scripts.
 """

@@ -8,10 +8,11 @@ import torch
 
 from lit_align.cli import main
 from lit_align.data.formats import BadRowError, split_hh_transcript
-from lit_align.generation import HFGenerator, SamplingConfig
+from lit_align.generation import SamplingConfig
 from lit_align.models import PolicyConfig, load_causal_lm, load_tokenizer
 from lit_align.probes import HybridProbe
 from lit_align.probes.candidates import ProbeScorer, build_pairs, select_pairs
+from lit_align.sampling import LeanGenerator
 
 
 def test_select_pairs_top_and_bottom():
@@ -87,7 +88,7 @@ def test_rerank_candidates_samples_once_from_the_policy(shared_data, tiny_model_
     pairs = [json.loads(line) for line in out.read_text().splitlines()]
     # the same seeded sampling reproduces the candidates the command scored
     cfg = PolicyConfig(name_or_path=str(tiny_model_dir))
-    generator = HFGenerator(load_causal_lm(cfg), load_tokenizer(cfg))
+    generator = LeanGenerator(load_causal_lm(cfg), load_tokenizer(cfg))
     texts = generator.generate([r["instruction"] for r in harmful], SamplingConfig(max_new_tokens=8), 4, 8, seed=3, progress=False)
     assert 1 <= len(pairs) <= 6
     for pair in pairs:

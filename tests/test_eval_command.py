@@ -136,12 +136,14 @@ def test_evaluate_rejects_bad_arguments(tiny_model_dir, tmp_path):
 def test_interrupted_generation_resumes_from_cache(tiny_model_dir, shared_data, tmp_path):
     from lit_align.eval.evaluate import _fingerprint, _generate, load_for_eval
     from lit_align.eval.prompts import PromptSetConfig, load_prompt_set
-    from lit_align.generation import HFGenerator, SamplingConfig
+    from lit_align.generation import SamplingConfig
+    from lit_align.sampling import LeanGenerator
 
     rows = load_prompt_set(PromptSetConfig(preset="xstest", path=str(shared_data / "xstest_prompts.csv"), limit=7))
-    generator = HFGenerator(*load_for_eval(str(tiny_model_dir)))
+    generator = LeanGenerator(*load_for_eval(str(tiny_model_dir)))
     sampling = SamplingConfig(max_new_tokens=5, temperature=0.0)
-    key = _fingerprint(str(tiny_model_dir), rows, sampling, 0, 3)
+    key = _fingerprint(str(tiny_model_dir), rows, sampling, 0, 3, "LeanGenerator")
+    assert key != _fingerprint(str(tiny_model_dir), rows, sampling, 0, 3, "HFGenerator")  # another sampler, another cache
     full = _generate(generator, rows, sampling, 3, 0, False, "full", tmp_path / "full.json", key)
     assert len(full["responses"]) == 7
     # a run killed after its first batch of 3 left this cache behind

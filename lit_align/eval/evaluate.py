@@ -30,7 +30,8 @@ from lit_align.eval.judges import DEFAULT_JUDGE_PROMPT, Judge, LLMJudge, ProbeJu
 from lit_align.eval.metrics import summarize, to_jsonable
 from lit_align.eval.prompts import PromptSetConfig, load_prompt_set
 from lit_align.eval.report import write_report
-from lit_align.generation import HFGenerator, SamplingConfig
+from lit_align.generation import Generator, SamplingConfig
+from lit_align.sampling import LeanGenerator
 from lit_align.models import LoraArgs, PolicyConfig, load_causal_lm, load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -126,8 +127,8 @@ def _device(device: str) -> str:
 
 
 # ---------------------------------------------------------------------------- generation cache
-def _fingerprint(spec: str, rows: list[dict], sampling: SamplingConfig, seed: int, batch_size: int) -> str:
-    h = hashlib.sha256(json.dumps([spec, dataclasses.asdict(sampling), seed, batch_size]).encode())
+def _fingerprint(spec: str, rows: list[dict], sampling: SamplingConfig, seed: int, batch_size: int, sampler: str) -> str:
+    h = hashlib.sha256(json.dumps([spec, dataclasses.asdict(sampling), seed, batch_size, sampler]).encode())
     if Path(spec).exists():
         for f in sorted(Path(spec).glob("*.safetensors")) if Path(spec).is_dir() else [Path(spec)]:
             h.update(f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}".encode())
@@ -135,10 +136,10 @@ def _fingerprint(spec: str, rows: list[dict], sampling: SamplingConfig, seed: in
     return h.hexdigest()[:24]
 
 
-def _generate(generator: HFGenerator, rows, sampling, batch_size, seed, progress, desc, cache: Path, key: str) -> dict:
+def _generate(generator: Generator, rows, sampling, batch_size, seed, progress, desc, cache: Path, key: str) -> dict:
     """{"responses", "length_tokens", "truncated"} for `rows`, resumed from `cache` when its key matches.
 
-    Same batching and seeding as `HFGenerator.generate` (batch i uses seed + i); the cache is
+    Same batching and seeding as `Generator.generate` (batch i uses seed + i); the cache is
     rewritten after every batch, so an interrupted run continues where it stopped. Lengths count
     the generated tokens up to and including the first EOS."""
     out = {"fingerprint": key, "responses": [], "length_tokens": [], "truncated": []}
@@ -256,13 +257,13 @@ def evaluate(
     records: dict[str, list[dict]] = {}
     for spec, name in zip(models, names):
         model, tokenizer = load_for_eval(spec, dtype, device)
-        generator = HFGenerator(model, tokenizer)
+        generator = LeanGenerator(model, tokenizer)
         model_judges = list(static)
         if judges.probe and not judges.probe_backbone:
             model_judges.append(ProbeJudge(judges.probe, model, tokenizer, batch_size=judges.batch_size))
         records[name] = []
         for set_name, rows in rows_by_set.items():
-            key = _fingerprint(spec, rows, sampling, seed, batch_size)
+            key = _fingerprint(spec, rows, sampling, seed, batch_size, type(generator).__name__)
             cache = out / "generations" / f"{_safe(name)}__{_safe(set_name)}.json"
             gen = _generate(generator, rows, sampling, batch_size, seed, progress, f"{name} / {set_name}", cache, key)
             recs = [

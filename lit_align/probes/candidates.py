@@ -143,7 +143,7 @@ def rerank_candidates(
         on_bad_rows: "error" or "skip" rows with unusable candidates (skips are counted and logged).
     """
     from lit_align.data.formats import load_rows
-    from lit_align.generation import HFGenerator
+    from lit_align.sampling import LeanGenerator
 
     rows = load_rows(data, format, mode="prompts", on_bad_rows=on_bad_rows)[:limit]
     scorer = ProbeScorer.from_files(policy, probe, batch_size=batch_size, max_length=max_length)
@@ -152,7 +152,7 @@ def rerank_candidates(
     else:
         if num_candidates < 2 * pairs_per_prompt:
             raise ValueError(f"num_candidates={num_candidates} is fewer than the {2 * pairs_per_prompt} that pairs_per_prompt={pairs_per_prompt} needs")
-        generator = HFGenerator(scorer.model, scorer.tokenizer)
+        generator = LeanGenerator(scorer.model, scorer.tokenizer)
         texts = generator.generate(
             [r["prompt"] for r in rows], sampling or SamplingConfig(), num_candidates, generation_batch_size, seed
         )

@@ -17,7 +17,8 @@ from typing import Literal, Optional
 
 from tqdm.auto import tqdm
 
-from lit_align.generation import HFGenerator, SamplingConfig
+from lit_align.generation import Generator, SamplingConfig
+from lit_align.sampling import LeanGenerator
 from lit_align.models import PolicyConfig, load_causal_lm, load_tokenizer
 from lit_align.srmir.categories import CATEGORIES, OTHER, PromptSource, Unmapped, read_prompt_source
 
@@ -231,10 +232,10 @@ def build_cod(
     dropped: Counter = Counter()
     if todo and limit != 0:
         tokenizer = load_tokenizer(policy)
-        policy_gen = HFGenerator(load_causal_lm(policy, with_lora=False).eval(), tokenizer)
+        policy_gen = LeanGenerator(load_causal_lm(policy, with_lora=False).eval(), tokenizer)
         cod_gen = policy_gen
         if generator is not None and generator != policy:
-            cod_gen = HFGenerator(load_causal_lm(generator, with_lora=False).eval(), load_tokenizer(generator))
+            cod_gen = LeanGenerator(load_causal_lm(generator, with_lora=False).eval(), load_tokenizer(generator))
         settings = {
             "generator": (generator or policy).name_or_path,
             "policy": policy.name_or_path,
@@ -278,7 +279,7 @@ def build_cod(
 
 
 def generate_batch(
-    batch: list[dict], cod_gen: HFGenerator, policy_gen: HFGenerator, cod_sampling: SamplingConfig,
+    batch: list[dict], cod_gen: Generator, policy_gen: Generator, cod_sampling: SamplingConfig,
     rejected_sampling: SamplingConfig, max_retries: int, seed: int, one_shot: bool = False,
 ) -> list[Optional[dict]]:
     """One record per row (None where no valid CoD came out within `max_retries`)."""
