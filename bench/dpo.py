@@ -49,8 +49,6 @@ def model_dir(config: str, work: Path) -> Path:
 # ---------------------------------------------------------------------------- the two sides
 def lit_side(config: str, path: Path, n_steps: int, packing: bool = True):
     """DPOModule + AlignDataModule + a Lightning Trainer for `n_steps` steps (batch size, lengths: module globals)."""
-    import lightning as L
-
     from lit_align.data.datamodule import AlignDataModule
     from lit_align.models import LoraArgs, PolicyConfig
     from lit_align.modules.dpo import DPOModule
@@ -75,21 +73,7 @@ def lit_side(config: str, path: Path, n_steps: int, packing: bool = True):
         max_completion_length=MAX_COMPLETION,
     )
 
-    def trainer(callbacks):
-        return L.Trainer(
-            accelerator="cpu",
-            devices=1,
-            max_steps=n_steps,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            limit_val_batches=0,
-            num_sanity_val_steps=0,
-            callbacks=callbacks,
-        )
-
-    return module, data, trainer
+    return module, data, functools.partial(harness.bench_trainer, n_steps)
 
 
 def trl_side(config: str, path: Path, work: Path):
@@ -115,16 +99,8 @@ def trl_side(config: str, path: Path, work: Path):
         loss_type=["sigmoid"],
         per_device_train_batch_size=BATCH,
         max_length=None,
-        learning_rate=1e-6,
-        weight_decay=0.0,
-        optim="adamw_torch",
-        lr_scheduler_type="constant",
-        gradient_checkpointing=False,
-        bf16=False,
-        report_to=[],
-        use_cpu=True,
-        save_strategy="no",
         dataloader_num_workers=0,
+        **harness.trl_cpu_args(),
     )
     dummy = Dataset.from_dict({"prompt": ["a"], "chosen": ["b"], "rejected": ["c"]})  # batches come from our rows
     trainer = trl.DPOTrainer(model=model, args=args, train_dataset=dummy, processing_class=tokenizer, peft_config=peft_config)

@@ -41,8 +41,6 @@ def length_reward(prompts, completions, **columns) -> list[float]:
 
 
 def lit_side(path: Path, n_steps: int, max_prompt: int):
-    import lightning as L
-
     from lit_align.data.datamodule import AlignDataModule
     from lit_align.models import PolicyConfig
     from lit_align.modules.grpo import GRPOModule
@@ -74,14 +72,7 @@ def lit_side(path: Path, n_steps: int, max_prompt: int):
     if len(data.train_set) < n_steps * PROMPTS:
         raise SystemExit(f"only {len(data.train_set)} prompts of <= {max_prompt} tokens; raise --max-prompt")
 
-    def trainer(callbacks):
-        return L.Trainer(
-            accelerator="cpu", devices=1, max_steps=n_steps, logger=False, enable_checkpointing=False,
-            enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
-            callbacks=callbacks,
-        )
-
-    return module, data, trainer
+    return module, data, functools.partial(harness.bench_trainer, n_steps)
 
 
 def trl_side(path: Path, work: Path):
@@ -99,16 +90,8 @@ def trl_side(path: Path, work: Path):
         loss_type="dapo",
         beta=0.0,
         temperature=1.0,
-        learning_rate=1e-6,
-        weight_decay=0.0,
-        optim="adamw_torch",
-        lr_scheduler_type="constant",
-        gradient_checkpointing=False,
-        bf16=False,
-        report_to=[],
-        use_cpu=True,
-        save_strategy="no",
         log_completions=False,
+        **harness.trl_cpu_args(),
     )
     dummy = Dataset.from_dict({"prompt": [[{"role": "user", "content": "hi"}]] * (G * PROMPTS)})
     trainer = trl.GRPOTrainer(model=model, reward_funcs=[length_reward], args=args, train_dataset=dummy, processing_class=tokenizer)

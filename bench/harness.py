@@ -176,9 +176,35 @@ def flops_of(fn: Callable) -> tuple[int, object]:
     return counter.get_total_flops(), out
 
 
+# ---------------------------------------------------------------------------- both sides' set-up
+def bench_trainer(n_steps: int, callbacks: list):
+    """A bare Lightning Trainer for `n_steps` CPU steps: no logger, checkpoints, progress bar or validation."""
+    import lightning as L
+
+    return L.Trainer(
+        accelerator="cpu", devices=1, max_steps=n_steps, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
+        callbacks=callbacks,
+    )
+
+
+def trl_cpu_args(**overrides) -> dict:
+    """TRL config arguments every benchmark shares: float32 on the CPU, AdamW(lr 1e-6, wd 0) at a
+    constant rate, no gradient checkpointing, no saving or reporting."""
+    return dict(
+        learning_rate=1e-6, weight_decay=0.0, optim="adamw_torch", lr_scheduler_type="constant",
+        gradient_checkpointing=False, bf16=False, report_to=[], use_cpu=True, save_strategy="no", **overrides,
+    )
+
+
 # ---------------------------------------------------------------------------- subprocesses
-def run_isolated(module: str, args: list[str], timeout: float = 900) -> dict:
-    """Run `python -m module args` in a fresh process; it must print one line `RESULT <json>`."""
+# A worker's time limit: generous, since a SmolLM2 timing worker takes ~20 min on 2 quiet cores.
+WORKER_TIMEOUT_S = float(os.environ.get("LIT_ALIGN_BENCH_TIMEOUT", 4 * 3600))
+
+
+def run_isolated(module: str, args: list[str], timeout: float = WORKER_TIMEOUT_S) -> dict:
+    """Run `python -m module args` in a fresh process; it must print one line `RESULT <json>`.
+    The time limit comes from LIT_ALIGN_BENCH_TIMEOUT (seconds; default 4 hours)."""
     proc = subprocess.run(
         [sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=os.environ.copy()
     )

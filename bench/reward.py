@@ -29,8 +29,6 @@ from bench import dpo, harness
 
 
 def lit_side(path: Path, n_steps: int):
-    import lightning as L
-
     from lit_align.data.datamodule import AlignDataModule
     from lit_align.models import PolicyConfig
     from lit_align.modules.reward import RewardModule
@@ -42,14 +40,7 @@ def lit_side(path: Path, n_steps: int):
         max_completion_length=dpo.MAX_COMPLETION,
     )
 
-    def trainer(callbacks):
-        return L.Trainer(
-            accelerator="cpu", devices=1, max_steps=n_steps, logger=False, enable_checkpointing=False,
-            enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
-            callbacks=callbacks,
-        )
-
-    return module, data, trainer
+    return module, data, functools.partial(harness.bench_trainer, n_steps)
 
 
 def trl_side(path: Path, work: Path):
@@ -64,9 +55,8 @@ def trl_side(path: Path, work: Path):
     config.num_labels, config.pad_token_id = 1, tokenizer.pad_token_id
     model = AutoModelForSequenceClassification.from_pretrained(path, config=config, dtype=torch.float32)
     args = trl.RewardConfig(
-        output_dir=str(work / "trl_reward"), per_device_train_batch_size=dpo.BATCH, max_length=None, learning_rate=1e-6,
-        weight_decay=0.0, optim="adamw_torch", lr_scheduler_type="constant", gradient_checkpointing=False, bf16=False,
-        report_to=[], use_cpu=True, save_strategy="no",
+        output_dir=str(work / "trl_reward"), per_device_train_batch_size=dpo.BATCH, max_length=None,
+        **harness.trl_cpu_args(),
     )
     dummy = Dataset.from_dict({"chosen": ["a b"], "rejected": ["a c"]})  # batches come from our rows
     trainer = trl.RewardTrainer(model=model, args=args, train_dataset=dummy, processing_class=tokenizer)
