@@ -56,6 +56,12 @@ class Packing:
         out[self.src] = values.reshape(-1, *rest)[self.dst]
         return out.view(*self.padded_shape, *rest)
 
+    def packed_index(self) -> Tensor:
+        """[N * T]: the flat packed position of each padded token (i, t) at i * T + t; -1 for padding."""
+        out = torch.full((self.padded_shape[0] * self.padded_shape[1],), -1, dtype=torch.long, device=self.src.device)
+        out[self.src] = self.dst
+        return out
+
 
 def plan_packing(attention_mask: Tensor) -> Packing:
     """First-fit-decreasing packing of right-padded rows into rows of the same width T."""
@@ -164,9 +170,26 @@ def supports_packing(model) -> bool:
         return False  # these scale or soft-cap their logits
     if getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None):
         return False
-    if any(type(p).__name__ == "DTensor" for p in base.parameters()):
-        return False  # FSDP2: the root module's forward must run to gather its parameters
+    if is_sharded(base):
+        return False
     return base.get_output_embeddings() is not None
+
+
+def is_sharded(model) -> bool:
+    """FSDP2-sharded parameters: the root module's forward must run to gather them."""
+    return any(type(p).__name__ == "DTensor" for p in model.parameters())
+
+
+def plan(
+    input_ids: Tensor, attention_mask: Tensor, completion_mask: Tensor, model, share_prompt: bool = True
+) -> Packing:
+    """The padding-free layout of a right-padded batch for `model`: each pair's prompt once when the
+    batch's [chosen; rejected] halves share prompts (and `share_prompt`), else dense packing."""
+    packing = None
+    if share_prompt:
+        dtype = next(model.parameters()).dtype
+        packing = plan_shared_prompt(input_ids, attention_mask, completion_mask, model.config._attn_implementation, dtype)
+    return packing or plan_packing(attention_mask)
 
 
 def packed_sequence_logps(
@@ -182,12 +205,7 @@ def packed_sequence_logps(
     With `share_prompt`, a [chosen; rejected] batch whose halves share prompts takes the shared-prompt
     layout; anything else is packed."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    packing = None
-    if share_prompt:
-        packing = plan_shared_prompt(
-            input_ids, attention_mask, completion_mask, base.config._attn_implementation, base.get_output_embeddings().weight.dtype
-        )
-    packing = packing or plan_packing(attention_mask)
+    packing = plan(input_ids, attention_mask, completion_mask, base, share_prompt)
     # The model's own forward (hooks, adapters), asked for no logits; hidden_states[-1] is the final-norm output.
     out = model(
         input_ids=packing.pack(input_ids),
@@ -203,9 +221,7 @@ def packed_sequence_logps(
     target = completion_mask.bool() & attention_mask.bool()
     target[:, 0] = False
     seq, t = target.nonzero(as_tuple=True)
-    packed_index = torch.full((n * width,), -1, dtype=torch.long, device=input_ids.device)
-    packed_index[packing.src] = packing.dst
-    logits = base.get_output_embeddings()(hidden[packed_index[seq * width + t - 1]])
+    logits = base.get_output_embeddings()(hidden[packing.packed_index()[seq * width + t - 1]])
     if logits.dtype in (torch.float16, torch.bfloat16):
         logits = logits.float()  # log-softmax in half precision loses the small probabilities
     labels = input_ids[seq, t]

@@ -2,8 +2,12 @@
 
 One training step on an AlignDataModule preference batch:
 
-    r_c, r_r = reward(chosen ⊕ rejected)                      # one concatenated forward
+    r_c, r_r = reward(chosen ⊕ rejected)                      # one forward for both halves
     loss     = −log σ(r_c − r_r − m) + η · mean((r_c + r_r)²)  # lit_align.losses.reward
+
+On a decoder backbone that forward is padding-free (`packing`, as in DPO): each pair runs as one
+`prompt ⊕ chosen ⊕ rejected` row, the prompt computed once, and the reward is read at the last
+token of each completion (lit_align.modules.packing).
 
 The reward is read by a sequence-classification head (`AutoModelForSequenceClassification`
 with one label: decoders read the last non-padding token, encoders their pooled first token)
@@ -25,6 +29,7 @@ from torch import Tensor, nn
 from lit_align.losses.reward import bradley_terry_loss, pairwise_metrics
 from lit_align.models import DTYPES, LoraArgs, PolicyConfig, is_peft, load_tokenizer, resolve_name
 from lit_align.modules.base import AlignModule, default_optimizer
+from lit_align.modules.packing import is_sharded, plan
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +92,8 @@ class RewardModule(AlignModule):
         center_rewards_coefficient: η of the centering term η·mean((r_c + r_r)²); None: off.
         chat_template: Jinja chat template for backbones without one (default: "role: content" lines).
         export_dir: Save the trained model here (sequence-classification directory) when fit ends.
+        packing: Compute rewards without padding, each pair's prompt once, on decoder backbones
+            (encoders and FSDP2-sharded models take the padded forward). Equal up to float rounding.
         optimizer: e.g. {class_path: torch.optim.AdamW, init_args: {lr: 1.0e-5}}.
         lr_scheduler: Optional scheduler, stepped every optimiser step.
     """
@@ -99,6 +106,7 @@ class RewardModule(AlignModule):
         center_rewards_coefficient: Optional[float] = None,
         chat_template: Optional[str] = None,
         export_dir: Optional[str] = None,
+        packing: bool = True,
         optimizer: OptimizerCallable = default_optimizer,
         lr_scheduler: Optional[LRSchedulerCallable] = None,
     ):
@@ -111,7 +119,7 @@ class RewardModule(AlignModule):
         backbone = resolve_backbone(backbone)
         self.backbone_config, self.head_type = backbone, head
         self.margin, self.center_rewards_coefficient = margin, center_rewards_coefficient
-        self.export_dir = export_dir
+        self.export_dir, self.packing = export_dir, packing
         self.optimizer, self.lr_scheduler = optimizer, lr_scheduler
         self.tokenizer = prepare_tokenizer(load_tokenizer(backbone), chat_template)
         self.model: Optional[nn.Module] = None
@@ -159,13 +167,44 @@ class RewardModule(AlignModule):
         self.model = self.shard_model(self.build_model())
 
     # ------------------------------------------------------------------ math
-    def reward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        """Scalar rewards [B] of right-padded token sequences."""
-        if self.head_type == "sequence_classification":
-            return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, 0]
-        hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        last = attention_mask.sum(dim=1) - 1
-        return self.score_head(hidden[torch.arange(hidden.shape[0], device=hidden.device), last]).squeeze(-1)
+    def body_and_head(self) -> Optional[tuple[nn.Module, nn.Module]]:
+        """The backbone and the linear head reading its last token, or None for a classifier that
+        runs its own forward: one that pools otherwise (an encoder's first token), or one sharded
+        by FSDP2 (its root forward gathers the parameters)."""
+        if self.head_type == "last_token":
+            return self.model, self.score_head
+        classifier = self.model.get_base_model() if is_peft(self.model) else self.model
+        head = getattr(classifier, "score", None)  # decoders' *ForSequenceClassification
+        return (classifier.base_model, head) if head is not None and not is_sharded(self.model) else None
+
+    def last_token(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """[B] index of the token whose hidden state is scored: for a sequence classifier the one
+        transformers reads (the last that is not the pad token), else the last real token."""
+        pad = self.tokenizer.pad_token_id
+        if self.head_type == "sequence_classification" and pad is not None:
+            scored = (input_ids != pad) & attention_mask.bool()
+            return (torch.arange(input_ids.shape[1], device=input_ids.device) * scored).argmax(-1)
+        return attention_mask.sum(dim=1) - 1
+
+    def reward(self, input_ids: Tensor, attention_mask: Tensor, completion_mask: Optional[Tensor] = None) -> Tensor:
+        """Scalar rewards [B] of right-padded token sequences. Given `completion_mask`, a decoder
+        runs them padding-free (a [chosen; rejected] batch with each pair's prompt once)."""
+        parts = self.body_and_head()
+        if parts is None:
+            return self.model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0]
+        body, head = parts
+        rows, width = input_ids.shape
+        last = torch.arange(rows, device=input_ids.device) * width + self.last_token(input_ids, attention_mask)
+        causal = any(getattr(m, "is_causal", False) for m in body.modules())
+        if self.packing and completion_mask is not None and causal and not is_sharded(self.model):
+            packing = plan(input_ids, attention_mask, completion_mask, body)
+            hidden = body(input_ids=packing.pack(input_ids), position_ids=packing.position_ids,
+                          attention_mask=packing.attention_mask, use_cache=False).last_hidden_state
+            scored = hidden.reshape(-1, hidden.shape[-1])[packing.packed_index()[last]]
+        else:
+            hidden = body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+            scored = hidden.reshape(-1, hidden.shape[-1])[last]
+        return head(scored).squeeze(-1)
 
     @staticmethod
     def apply_reranking(batch: dict, chosen: Tensor, rejected: Tensor) -> tuple[Tensor, Tensor]:
@@ -179,9 +218,9 @@ class RewardModule(AlignModule):
 
     def compute_loss(self, batch: dict) -> tuple[Tensor, dict[str, Tensor]]:
         """Bradley–Terry loss and TRL RewardTrainer's metrics for one preference batch."""
-        ids = torch.cat([batch["chosen_input_ids"], batch["rejected_input_ids"]])
-        mask = torch.cat([batch["chosen_attention_mask"], batch["rejected_attention_mask"]])
-        chosen, rejected = self.reward(ids, mask).float().chunk(2)
+        ids, mask, completion = (torch.cat([batch[f"chosen_{k}"], batch[f"rejected_{k}"]])
+                                 for k in ("input_ids", "attention_mask", "completion_mask"))
+        chosen, rejected = self.reward(ids, mask, completion).float().chunk(2)
         chosen, rejected = self.apply_reranking(batch, chosen, rejected)
         loss, chosen, rejected = bradley_terry_loss(chosen, rejected, self.margin or None, self.center_rewards_coefficient)
         return loss, pairwise_metrics(chosen, rejected)
