@@ -6,6 +6,7 @@ directory (or a GGUF file inside one), a dtype, and an optional LoRA adapter.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import logging
 import os
@@ -18,6 +19,20 @@ import torch
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def kv_cache(cache) -> dict:
+    """A KV cache as forward keywords: transformers 5.24 renamed `past_key_values` to `cache` (the
+    old name warns, and goes in 5.40); lit_align runs on every transformers 5."""
+    return {_cache_keyword(): cache}
+
+
+@functools.cache
+def _cache_keyword() -> str:
+    import transformers
+    from packaging.version import Version
+
+    return "cache" if Version(transformers.__version__) >= Version("5.24.0.dev0") else "past_key_values"
 
 
 @dataclass

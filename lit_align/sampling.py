@@ -5,13 +5,17 @@ tokens it computes: it prefills every prompt n times (once per returned sequence
 general-purpose loop (logits processors, stopping criteria, cache and mask bookkeeping) around
 each decoded token. This loop does only what `SamplingConfig` asks for:
 
-    cache  = forward(prompts)                       # B rows, once
+    cache  = forward(shared prefix)                 # once, when the B prompts start alike
+    cache  = forward(prompts after it)              # B rows, once
     cache  = repeat_interleave(cache, n)            # B·n rows share their prompt's keys/values
     repeat up to max_new_tokens times:
         y_t   = pick(logits)                        # penalty, temperature, top-k, top-p; or argmax
         y_t   = pad where the row already ended     # rows stop at their first EOS
         stop when every row has ended (never early under torch.distributed: ranks step together)
         logits = forward(y_t, cache)
+
+A shared prefix is common: a chat template's system prompt, or a worked example shown before every
+request (SRMIR's one-shot CoD prompt is 211 SmolLM2 tokens, of which the request is the last ~40).
 
 Greedy decoding gives the token ids of `generate(do_sample=False)` (tests/test_sampling.py).
 Sampling draws from a `torch.Generator` seeded with `generator_seed`, so a step is
@@ -29,6 +33,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from lit_align.generation import Completions, Generator, SamplingConfig, completions_from_ids
+from lit_align.models import kv_cache
 
 
 def filter_logits(logits: Tensor, sampling: SamplingConfig) -> Tensor:
@@ -38,13 +43,24 @@ def filter_logits(logits: Tensor, sampling: SamplingConfig) -> Tensor:
         kth = logits.topk(sampling.top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if sampling.top_p < 1.0:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        probs = sorted_logits.softmax(-1)
-        # drop a token when the more likely ones already hold top_p of the mass (the first always stays)
-        drop_sorted = probs.cumsum(-1) - probs > sampling.top_p
-        drop = drop_sorted.scatter(-1, order, drop_sorted)
-        logits = logits.masked_fill(drop, float("-inf"))
+        logits = logits.masked_fill(outside_nucleus(logits, sampling.top_p), float("-inf"))
     return logits
+
+
+NUCLEUS_CANDIDATES = 64  # sorting a 49k vocabulary every step costs more than the rest of the pick
+
+
+def outside_nucleus(logits: Tensor, top_p: float) -> Tensor:
+    """The tokens top-p drops: those whose more likely tokens already hold top_p of the mass (the
+    most likely always stays). Tried on the top NUCLEUS_CANDIDATES first, which is exact whenever
+    they hold more than top_p in every row; otherwise the whole vocabulary is sorted."""
+    for k in (min(NUCLEUS_CANDIDATES, logits.shape[-1]), logits.shape[-1]):
+        top, order = logits.topk(k, dim=-1)
+        probs = (top - logits.logsumexp(-1, keepdim=True)).exp()
+        mass = probs.cumsum(-1)
+        if k == logits.shape[-1] or bool((mass[:, -1] > top_p).all()):
+            drop = logits.new_ones(logits.shape, dtype=torch.bool)
+            return drop.scatter(-1, order, mass - probs > top_p)
 
 
 def draw(probs: Tensor, generator: Optional[torch.Generator]) -> Tensor:
@@ -64,6 +80,44 @@ def penalize_repeats(logits: Tensor, seen: Tensor, penalty: float) -> Tensor:
     return logits.scatter(1, seen, scores)
 
 
+MIN_SHARED_PREFIX = 16  # shorter shared prefixes are not worth a forward of their own
+
+
+def shared_prefix_length(prompt_ids: Tensor, prompt_mask: Tensor) -> int:
+    """How many leading tokens all left-padded rows share, leaving each row at least one of its own."""
+    lengths, columns = prompt_mask.sum(-1), torch.arange(prompt_ids.shape[1], device=prompt_ids.device)
+    starts = prompt_ids.shape[1] - lengths
+    if len(prompt_ids) < 2 or not torch.equal(prompt_mask.bool(), columns >= starts[:, None]):
+        return 0  # one row, or not left-padded
+    leading = prompt_ids.gather(1, starts[:, None] + columns[: int(lengths.min()) - 1])
+    return int((leading == leading[:1]).all(0).cumprod(0).sum())
+
+
+def prefill(model, prompt_ids: Tensor, mask: Tensor, cache: DynamicCache, min_shared_prefix: int):
+    """Fill `cache` with the left-padded prompts: their shared prefix once (when it is at least
+    `min_shared_prefix` tokens), then each row's rest, left-padded after it. Returns the forward's
+    output (last-position logits), the key mask over the cache and the rows' position ids."""
+    p = shared_prefix_length(prompt_ids, mask)
+    if p < min_shared_prefix or any(type(x) is not DynamicLayer for x in cache.layers):  # not with sliding windows
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        out = model(input_ids=prompt_ids, attention_mask=mask, position_ids=positions, **kv_cache(cache),
+                    use_cache=True, logits_to_keep=1)
+        return out, mask, positions
+    width, device = prompt_ids.shape[1], prompt_ids.device
+    start = width - int(mask[0].sum())  # row 0's first token
+    model(input_ids=prompt_ids[:1, start : start + p], position_ids=torch.arange(p, device=device)[None],
+          **kv_cache(cache), use_cache=True, logits_to_keep=1)
+    cache.batch_repeat_interleave(len(prompt_ids))
+    rest = int(mask.sum(-1).max()) - p  # the longest row's tokens after the prefix
+    own = torch.arange(width - rest, width, device=device) >= (width - mask.sum(-1) + p)[:, None]
+    rest_mask = own.long()
+    positions = p + (rest_mask.cumsum(-1) - 1).clamp(min=0)
+    mask = torch.cat([mask.new_ones(len(mask), p), rest_mask], dim=1)
+    out = model(input_ids=prompt_ids[:, width - rest :], attention_mask=mask, position_ids=positions,
+                **kv_cache(cache), use_cache=True, logits_to_keep=1)
+    return out, mask, positions
+
+
 @torch.no_grad()
 def sample_ids(
     model,
@@ -74,13 +128,11 @@ def sample_ids(
     eos_token_id: int,
     pad_token_id: int,
     generator: Optional[torch.Generator] = None,
+    min_shared_prefix: int = MIN_SHARED_PREFIX,
 ) -> Tensor:
     """Completion ids `[B·n, T]` (prompt-major, pad after EOS, T ≤ max_new_tokens) for left-padded prompts."""
-    mask = prompt_mask.long()
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
     cache = DynamicCache(config=model.config)
-    out = model(input_ids=prompt_ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                use_cache=True, logits_to_keep=1)
+    out, mask, positions = prefill(model, prompt_ids, prompt_mask.long(), cache, min_shared_prefix)
     cache.batch_repeat_interleave(n)
     # A one-token query needs only the key padding mask: handing sdpa a ready 4-D mask skips
     # transformers' per-step mask building (not for eager attention or sliding-window layers).
@@ -110,7 +162,7 @@ def sample_ids(
         mask = torch.cat([mask, mask.new_ones(len(mask), 1)], dim=1)
         position = position + 1
         out = model(input_ids=token[:, None], attention_mask=mask[:, None, None, :].bool() if ready_mask else mask,
-                    position_ids=position, past_key_values=cache, use_cache=True)
+                    position_ids=position, **kv_cache(cache), use_cache=True)
         logits = out.logits[:, -1].float()
     return torch.stack(tokens, dim=1)
 

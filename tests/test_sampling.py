@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
 
 from lit_align.generation import HFGenerator, SamplingConfig
-from lit_align.sampling import LeanGenerator, draw, filter_logits
+from lit_align.sampling import LeanGenerator, draw, filter_logits, outside_nucleus, sample_ids, shared_prefix_length
 
 PROMPTS = [
     "Human: How do I keep my sourdough starter alive while I am away for two weeks?\n\nAssistant:",
@@ -86,6 +86,51 @@ def test_sampling_is_seeded_and_ends_rows_at_eos(tiny):
     ended = LeanGenerator(*eos_prone(tiny, 2.5)).generate_ids(ids, mask, sampling, 4, generator_seed=7)
     assert not ended.truncated.any()  # every row ended: decoding stopped at the last row's EOS
     assert ended.completion_ids.shape[1] == int(ended.completion_mask.sum(1).max()) < 40
+
+
+SYSTEM = "You answer questions about baking bread, briefly and kindly, in plain words, and you never make up facts."
+
+
+def test_shared_prefix_is_prefilled_once_and_greedy_equals_generate(tiny):
+    """Prompts behind one long system message: the prefix is prefilled once, each row's rest after
+    it (left-padded), and greedy decoding still gives transformers' ids."""
+    model, tokenizer = tiny
+    lean, hf = LeanGenerator(model, tokenizer), HFGenerator(model, tokenizer)
+    ids, mask = lean.encode_prompts([[{"role": "system", "content": SYSTEM}, {"role": "user", "content": p}] for p in PROMPTS])
+    prefix = shared_prefix_length(ids, mask)
+    assert prefix >= 16 and prefix < int(mask.sum(-1).min())  # every row keeps a token of its own
+    sampling = SamplingConfig(max_new_tokens=24, temperature=0.0)
+    calls = []
+    hook = model.register_forward_pre_hook(lambda m, args, kwargs: calls.append(kwargs["input_ids"].shape), with_kwargs=True)
+    try:
+        lean_out = lean.generate_ids(ids, mask, sampling)
+    finally:
+        hook.remove()
+    assert calls[0] == (1, prefix) and calls[1] == (3, int(mask.sum(-1).max()) - prefix)
+    assert torch.equal(lean_out.completion_ids, hf.generate_ids(ids, mask, sampling).completion_ids)
+    unshared = sample_ids(model, ids, mask, sampling, 1, tokenizer.eos_token_id, tokenizer.pad_token_id,
+                          min_shared_prefix=10**9)
+    assert torch.equal(lean_out.completion_ids, unshared)
+
+
+def test_shared_prefix_needs_left_padded_rows_alike():
+    ids = torch.tensor([[0, 5, 6, 7, 8], [5, 6, 7, 9, 9], [0, 0, 5, 6, 1]])
+    mask = (ids != 0).long()
+    assert shared_prefix_length(ids, mask) == 2  # "5 6", and the shortest row keeps its "1"
+    assert shared_prefix_length(ids[:1], mask[:1]) == 0  # one row: nothing to share
+    assert shared_prefix_length(ids.flip(1), mask.flip(1)) == 0  # right padding: not this layout
+
+
+def test_nucleus_from_the_top_candidates_equals_the_full_sort():
+    """Peaked rows (the nucleus inside the top 64) take the fast path, flat rows the full sort:
+    both drop exactly what transformers' TopPLogitsWarper drops."""
+    g = torch.Generator().manual_seed(1)
+    for scale in (12.0, 0.5):  # peaked, flat
+        logits = torch.randn(8, 5000, generator=g) * scale
+        top = logits.topk(64, dim=-1).values
+        inside_top = bool(((top - logits.logsumexp(-1, keepdim=True)).exp().sum(-1) > 0.9).all())
+        assert inside_top == (scale > 1)
+        assert torch.equal(outside_nucleus(logits, 0.9), TopPLogitsWarper(0.9)(None, logits).isinf())
 
 
 def test_filters_keep_what_hf_warpers_keep():

@@ -28,6 +28,8 @@ from torch import Tensor
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from lit_align.models import kv_cache
+
 
 def prompt_groups(prompt_ids: Tensor, prompt_mask: Tensor) -> Tensor:
     """Each row's group: runs of consecutive rows with the same prompt share an index 0, 1, …"""
@@ -79,10 +81,10 @@ def shared_prompt_logits(
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     cache = DynamicCache(config=model.config)
     prompt_out = model(input_ids=prompt_ids[first], attention_mask=mask, position_ids=positions,
-                       past_key_values=cache, use_cache=True, logits_to_keep=1)
+                       **kv_cache(cache), use_cache=True, logits_to_keep=1)
     cache.batch_select_indices(group)
     c = completion_ids.shape[1]
     positions = positions[group, -1:] + 1 + torch.arange(c, device=positions.device)
     out = model(input_ids=completion_ids, attention_mask=torch.cat([mask[group], completion_mask], dim=1),
-                position_ids=positions, past_key_values=cache, use_cache=True, logits_to_keep=c)
+                position_ids=positions, **kv_cache(cache), use_cache=True, logits_to_keep=c)
     return torch.cat([prompt_out.logits[group], out.logits[:, :-1]], dim=1)
