@@ -109,8 +109,7 @@ def prefill(model, prompt_ids: Tensor, mask: Tensor, cache: DynamicCache, min_sh
           **kv_cache(cache), use_cache=True, logits_to_keep=1)
     cache.batch_repeat_interleave(len(prompt_ids))
     rest = int(mask.sum(-1).max()) - p  # the longest row's tokens after the prefix
-    own = torch.arange(width - rest, width, device=device) >= (width - mask.sum(-1) + p)[:, None]
-    rest_mask = own.long()
+    rest_mask = (torch.arange(width - rest, width, device=device) >= (width - mask.sum(-1) + p)[:, None]).long()
     positions = p + (rest_mask.cumsum(-1) - 1).clamp(min=0)
     mask = torch.cat([mask.new_ones(len(mask), p), rest_mask], dim=1)
     out = model(input_ids=prompt_ids[:, width - rest :], attention_mask=mask, position_ids=positions,
