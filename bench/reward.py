@@ -2,6 +2,7 @@
 
     python -m bench.reward                      # llama-1m and llama-30m, batch 8 pairs, <= 256 tokens
     python -m bench.reward --configs llama-1m --steps 10
+    python -m bench.reward --baseline           # also time RewardModule's padded forward (packing=False)
 
 Same backbone weights (a sequence-classification head with one label on the saved random Llama;
 the freshly initialised head differs between the sides, which does not change the work), the
@@ -27,13 +28,18 @@ import torch
 
 from bench import dpo, harness
 
+DEFAULT_CONFIGS = "llama-1m,llama-30m"
 
-def lit_side(path: Path, n_steps: int):
+
+def lit_side(path: Path, n_steps: int, packing: bool = True):
     from lit_align.data.datamodule import AlignDataModule
     from lit_align.models import PolicyConfig
     from lit_align.modules.reward import RewardModule
 
-    module = RewardModule(PolicyConfig(name_or_path=str(path)), optimizer=functools.partial(torch.optim.AdamW, lr=1e-6, weight_decay=0.0))
+    module = RewardModule(
+        PolicyConfig(name_or_path=str(path)), packing=packing,
+        optimizer=functools.partial(torch.optim.AdamW, lr=1e-6, weight_decay=0.0),
+    )
     data = AlignDataModule(
         path=str(harness.require_data()), format="hh_rlhf", on_bad_rows="skip", limit=n_steps * dpo.BATCH + 16,
         val_fraction=0.0, shuffle=False, batch_size=dpo.BATCH, max_prompt_length=dpo.MAX_PROMPT,
@@ -76,12 +82,23 @@ def trl_side(path: Path, work: Path):
     return collate, step
 
 
-def time_worker(config: str, steps: int, warmup: int, work: Path) -> dict:
+def time_worker(config: str, steps: int, warmup: int, work: Path, baseline: bool = False) -> dict:
     import lightning as L
 
     path = dpo.model_dir(config, work)
     module, data, make_trainer = lit_side(path, warmup + steps)
     trl_collate, trl_step = trl_side(path, work)
+    padded_step = None
+    if baseline:  # the padded forward (packing=False), stepped by hand on the same batches
+        padded, _, _ = lit_side(path, warmup + steps, packing=False)
+        padded.configure_model()
+        padded_optimizer = padded.configure_optimizers()
+
+        def padded_step(batch):
+            padded.compute_loss(batch)[0].backward()
+            padded_optimizer.step()
+            padded_optimizer.zero_grad(set_to_none=True)
+
     watch, tokens = harness.Stopwatch(), []
 
     class ABAB(L.Callback):
@@ -89,6 +106,8 @@ def time_worker(config: str, steps: int, warmup: int, work: Path) -> dict:
             inputs = trl_collate([data.train_set[i] for i in batch["index"].tolist()])
             self.record = batch_idx >= warmup
             watch.time("trl", lambda: trl_step(inputs), record=self.record)
+            if padded_step is not None:
+                watch.time("lit_align_padded", lambda: padded_step(batch), record=self.record)
             if self.record:
                 tokens.append(int(batch["chosen_attention_mask"].sum() + batch["rejected_attention_mask"].sum()))
             self.start = time.perf_counter()
@@ -99,7 +118,7 @@ def time_worker(config: str, steps: int, warmup: int, work: Path) -> dict:
 
     make_trainer([ABAB()]).fit(module, datamodule=data)
     out = {"config": config, "steps": steps, "warmup": warmup, **harness.count_params(module.model)}
-    for side in ("lit_align", "trl"):
+    for side in watch.times:
         out[side] = watch.summary(side)
         out[side]["tokens_per_s"] = statistics.median(tokens) / out[side]["median_s"]
     out["speedup_vs_trl"] = out["trl"]["median_s"] / out["lit_align"]["median_s"]
@@ -108,13 +127,14 @@ def time_worker(config: str, steps: int, warmup: int, work: Path) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--configs", default="llama-1m,llama-30m")
+    parser.add_argument("--configs", default=DEFAULT_CONFIGS)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--max-prompt", type=int, default=dpo.MAX_PROMPT)
     parser.add_argument("--max-completion", type=int, default=dpo.MAX_COMPLETION)
     parser.add_argument("--quick", action="store_true", help="5 steps, llama-1m")
+    parser.add_argument("--baseline", action="store_true", help="also time the padded forward (packing=False)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--work", help=argparse.SUPPRESS)
     a = parser.parse_args()
@@ -123,19 +143,20 @@ def main() -> None:
     if a.quick:
         a.steps, a.configs = 5, "llama-1m"
     if a.worker:
-        harness.print_result(time_worker(a.configs, a.steps, a.warmup, Path(a.work)))
+        harness.print_result(time_worker(a.configs, a.steps, a.warmup, Path(a.work), a.baseline))
         return
     info, results, rows = harness.machine(), [], []
     with tempfile.TemporaryDirectory() as tmp:
         for config in a.configs.split(","):
             args = ["--worker", "--configs", config, "--work", tmp, "--steps", str(a.steps), "--warmup", str(a.warmup)]
             args += ["--threads", str(a.threads), "--max-prompt", str(a.max_prompt), "--max-completion", str(a.max_completion)]
-            r = harness.run_isolated("bench.reward", args)
+            r = harness.run_isolated("bench.reward", args + (["--baseline"] if a.baseline else []))
             results.append(r)
-            for side in ("lit_align", "trl"):
+            for side in [k for k in ("lit_align", "lit_align_padded", "trl") if k in r]:
                 rows.append({"config": config, "side": side, "step s (median)": r[side]["median_s"],
                              "real tok/s": r[side]["tokens_per_s"], "speedup vs TRL": r["trl"]["median_s"] / r[side]["median_s"]})
-    harness.report("reward" + ("_quick" if a.quick else ""), {"machine": info, "args": vars(a), "results": results}, rows, list(rows[0]))
+    name = ("reward" if a.configs == DEFAULT_CONFIGS else "reward_" + a.configs.replace(",", "_")) + ("_quick" if a.quick else "")
+    harness.report(name, {"machine": info, "args": vars(a), "results": results}, rows, list(rows[0]))
 
 
 if __name__ == "__main__":
