@@ -124,6 +124,7 @@ class RewardModule(AlignModule):
         self.tokenizer = prepare_tokenizer(load_tokenizer(backbone), chat_template)
         self.model: Optional[nn.Module] = None
         self.score_head: Optional[nn.Linear] = None
+        self.sharded, self.causal = False, False  # set by configure_model
 
     # ------------------------------------------------------------------ model
     def _from_pretrained_kwargs(self) -> dict:
@@ -165,6 +166,10 @@ class RewardModule(AlignModule):
         if self.model is not None:
             return
         self.model = self.shard_model(self.build_model())
+        # fixed from here on: FSDP2 needs the root forward; only a causal backbone can share a prompt
+        self.sharded = is_sharded(self.model)
+        parts = self.body_and_head()
+        self.causal = parts is not None and any(getattr(m, "is_causal", False) for m in parts[0].modules())
 
     # ------------------------------------------------------------------ math
     def body_and_head(self) -> Optional[tuple[nn.Module, nn.Module]]:
@@ -175,7 +180,7 @@ class RewardModule(AlignModule):
             return self.model, self.score_head
         classifier = self.model.get_base_model() if is_peft(self.model) else self.model
         head = getattr(classifier, "score", None)  # decoders' *ForSequenceClassification
-        return (classifier.base_model, head) if head is not None and not is_sharded(self.model) else None
+        return (classifier.base_model, head) if head is not None and not self.sharded else None
 
     def last_token(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """[B] index of the token whose hidden state is scored: for a sequence classifier the one
@@ -195,8 +200,7 @@ class RewardModule(AlignModule):
         body, head = parts
         rows, width = input_ids.shape
         last = torch.arange(rows, device=input_ids.device) * width + self.last_token(input_ids, attention_mask)
-        causal = any(getattr(m, "is_causal", False) for m in body.modules())
-        if self.packing and completion_mask is not None and causal and not is_sharded(self.model):
+        if self.packing and completion_mask is not None and self.causal and not self.sharded:
             packing = plan(input_ids, attention_mask, completion_mask, body)
             hidden = body(input_ids=packing.pack(input_ids), position_ids=packing.position_ids,
                           attention_mask=packing.attention_mask, use_cache=False).last_hidden_state
