@@ -69,7 +69,7 @@ def main() -> None:
         optimizer = module.configure_optimizers()
         data.tokenizer = module.tokenizer
         data.setup("fit")
-        reranker = ConfidenceReRanker(policy="soft", granularity="batch")
+        reranker = ConfidenceReRanker(action="soft", granularity="batch")
         collate = data.collator()
         batches = [collate(data.train_set[i * dpo.BATCH : (i + 1) * dpo.BATCH]) for i in range(a.warmup + a.steps)]
         watch = harness.Stopwatch()

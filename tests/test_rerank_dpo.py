@@ -33,7 +33,7 @@ class Recorder(L.Callback):
         def recording_decide(batch, s_c, s_r):
             self.decisions.append({"index": batch["index"].clone(), "s_c": s_c.clone(), "s_r": s_r.clone()})
             out = decide(batch, s_c, s_r)
-            self.decisions[-1].update({k: out[k].clone() for k in ("pair_confidence", "pair_flip", "pair_keep")})
+            self.decisions[-1].update({"confidence": out.confidence, "flip": out.flip, "keep": out.keep})
             return out
 
         reranker.decide = recording_decide
@@ -52,14 +52,14 @@ def make_probe_file(path) -> str:
     return str(probe.save(path))
 
 
-def setup(tiny_model_dir, shared_data, probe_path, policy="flip"):
+def setup(tiny_model_dir, shared_data, probe_path, action="flip"):
     module = DPOModule(
         PolicyConfig(name_or_path=str(tiny_model_dir)), loss_type="conservative", beta=0.1, reference="copy",
         probe_path=probe_path, co_train_probe=True, optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3),
     )
     data = AlignDataModule(
         str(shared_data / HH), format="hh_rlhf", limit=40, batch_size=4, max_prompt_length=64, max_completion_length=32,
-        on_bad_rows="skip", reranker=ConfidenceReRanker(policy, "pair"), val_fraction=0.0,
+        on_bad_rows="skip", reranker=ConfidenceReRanker(action, "pair"), val_fraction=0.0,
     )
     return module, data
 
@@ -96,13 +96,13 @@ def test_dpo_rerank_one_forward_scores_from_own_hidden_states_and_resume(tiny_mo
                 hidden = fresh(input_ids=ids, output_hidden_states=True).hidden_states
                 expected = probe(select_features(hidden, torch.ones_like(ids), probe.layers))
             torch.testing.assert_close(recorded[i : i + 1], expected, atol=1e-4, rtol=1e-4)
-    # ... and the decision is the flip policy applied to them (some pairs flipped, some not)
-    flips = torch.cat([d["pair_flip"] for d in recorder.decisions])
+    # ... and the decision is the flip action applied to them (some pairs flipped, some not)
+    flips = torch.cat([d["flip"] for d in recorder.decisions])
     assert flips.any() and not flips.all()
     for d in recorder.decisions:
         gamma = torch.sigmoid(7.5 * (torch.sigmoid(d["s_c"]) - torch.sigmoid(d["s_r"])))
-        assert torch.equal(d["pair_flip"], gamma < 0.5)
-        torch.testing.assert_close(d["pair_confidence"], torch.where(gamma < 0.5, 1 - gamma, gamma).clamp(min=0.5))
+        assert torch.equal(d["flip"], gamma < 0.5)
+        torch.testing.assert_close(d["confidence"], torch.where(gamma < 0.5, 1 - gamma, gamma).clamp(min=0.5))
 
     # co-training moved the probe; its state and the re-ranker's counts resume from the checkpoint
     trained = {k: v.clone() for k, v in module.probe.state_dict().items()}
@@ -136,7 +136,7 @@ def test_dpo_rerank_config_runs_through_the_cli(tiny_model_dir, shared_data, tmp
         "--model.init_args.optimizer.init_args.lr=1e-3",
         f"--data.path={shared_data / HH}", "--data.limit=24", "--data.batch_size=4",
         "--data.max_prompt_length=64", "--data.max_completion_length=32",
-        "--data.reranker.init_args.policy=drop", "--data.reranker.init_args.granularity=pair",
+        "--data.reranker.init_args.action=drop", "--data.reranker.init_args.granularity=pair",
         "--trainer.accelerator=cpu", "--trainer.max_steps=2", "--trainer.val_check_interval=2",
         "--trainer.limit_val_batches=1", "--trainer.log_every_n_steps=1", "--trainer.enable_progress_bar=false",
         f"--trainer.default_root_dir={tmp_path}", "--trainer.logger=lightning.pytorch.loggers.CSVLogger",

@@ -160,7 +160,7 @@ def test_linear_combination(shadow_dir):
 def test_shadow_reranker_flips_pairs_the_ensemble_disagrees_with(shadow_dir):
     from lit_align.srmir.ensemble import ShadowReRanker, ShadowRewardEnsemble
 
-    reranker = ShadowReRanker(ShadowRewardEnsemble(str(shadow_dir), strategy="categorized"), policy="flip")
+    reranker = ShadowReRanker(ShadowRewardEnsemble(str(shadow_dir), strategy="categorized"), action="flip")
     batch = {
         "prompt": ["Insult my coworker", "Insult my coworker", "How do I steal a car?"],
         "chosen": [REFUSE, COMPLY, COMPLY],
@@ -169,6 +169,6 @@ def test_shadow_reranker_flips_pairs_the_ensemble_disagrees_with(shadow_dir):
         "chosen_input_ids": torch.zeros(3, 4, dtype=torch.long),
     }
     out = reranker(batch)
-    assert out["pair_flip"].tolist() == [False, True, False]  # crimes' model prefers compliance
-    assert out["pair_keep"].all() and (out["pair_confidence"] >= 0.5).all()
+    assert out.flip.tolist() == [False, True, False]  # crimes' model prefers compliance
+    assert out.keep.all() and (out.confidence >= 0.5).all()
     assert reranker.state_dict()["totals"]["flipped"] == 1

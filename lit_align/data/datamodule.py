@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader
 
 from lit_align.data.collate import Collator, encode_row
 from lit_align.data.formats import FORMATS, MODES, load_rows, load_source, normalize_rows
-from lit_align.data.rerank import ReRanker
+from lit_align.data.rerank import DECISION_KEY, ReRanker, check_reranking
 from lit_align.reliability import ResumableDataLoader, ResumableSampler
 
 log = logging.getLogger(__name__)
@@ -39,7 +39,9 @@ class AlignDataModule(L.LightningDataModule):
         limit: Use only the first `limit` rows of the source (quick runs).
         on_bad_rows: "error" stops at the first bad row naming file, row and field; "skip"
             drops such rows and logs how many.
-        reranker: The re-ranking hook called on each training batch (identity by default).
+        reranker: The re-ranking hook (preference mode only; identity by default). One that scores
+            pairs itself decides on each training batch here; one that needs probe scores
+            (ConfidenceReRanker) is called by the module with its own forward's scores.
         num_workers: DataLoader workers.
         pad_to_multiple_of: Pad sequence lengths up to a multiple of this (tensor-core friendly).
     """
@@ -74,6 +76,8 @@ class AlignDataModule(L.LightningDataModule):
             raise ValueError(f"data.prompt_truncation={prompt_truncation!r}: choose 'end' or 'start'")
         if not 0.0 <= val_fraction < 1.0:
             raise ValueError(f"data.val_fraction={val_fraction}: must be in [0, 1)")
+        if reranker is not None and reranker.effects() and mode != "preference":
+            raise ValueError(f"data.reranker re-ranks preference pairs, but data.mode={mode!r} has none: remove data.reranker")
         self.save_hyperparameters(ignore=["reranker"])
         self.path, self.mode, self.format = path, mode, format
         self.val_path, self.val_fraction, self.split = val_path, val_fraction, split
@@ -115,6 +119,8 @@ class AlignDataModule(L.LightningDataModule):
         return module.tokenizer
 
     def setup(self, stage: Optional[str] = None) -> None:
+        if stage == "fit" and self.trainer is not None:
+            self.check_reranker(self.trainer.lightning_module)
         if self.train_set:
             return
         self.tokenizer = self._resolve_tokenizer()
@@ -131,6 +137,12 @@ class AlignDataModule(L.LightningDataModule):
         if self.skipped_rows:
             log.warning("skipped %d bad rows in total (on_bad_rows=skip)", self.skipped_rows)
         log.info("data: %d train / %d val %s rows", len(self.train_set), len(self.val_set), self.mode)
+
+    def check_reranker(self, module) -> None:
+        """Refuse a re-ranker that a module reading no decision would ignore; modules that read
+        decisions (DPOModule, RewardModule) check their set-up in their own `check_reranker`."""
+        if not hasattr(module, "check_reranker"):
+            check_reranking(self.reranker, type(module).__name__, honours=(), has_scores=False)
 
     def encode(self, rows: list[dict]) -> list[dict]:
         encoded = []
@@ -196,7 +208,9 @@ class AlignDataModule(L.LightningDataModule):
             if self.train_sampler is not None:
                 self.train_sampler.advance(len(batch["index"]))  # trained-on, not merely prefetched
             if self.mode == "preference":
-                batch = self.reranker(batch)
+                decision = self.reranker(batch)  # None unless the re-ranker scores pairs itself
+                if decision is not None:
+                    batch[DECISION_KEY] = decision
         return batch
 
     def state_dict(self) -> dict:

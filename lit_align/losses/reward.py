@@ -17,6 +17,7 @@ def bradley_terry_loss(
     rejected_rewards: Tensor,
     margin: Union[float, Tensor, None] = None,
     center_rewards_coefficient: Optional[float] = None,
+    keep: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Bradley–Terry pairwise loss with an optional margin and reward centering.
 
@@ -24,7 +25,8 @@ def bradley_terry_loss(
 
     `m` is a scalar or a per-pair tensor (0 when None); `η` is `center_rewards_coefficient`
     (no centering term when None), which keeps rewards near zero so that the models of an
-    ensemble stay on one scale.
+    ensemble stay on one scale. `keep` (bool [B]) restricts both means to the kept pairs
+    (a re-ranker's drops): Σ_i k_i ℓ_i / max(Σ_i k_i, 1), 0 when none is kept.
 
     Returns `(loss, chosen_rewards, rejected_rewards)`, the rewards detached.
     """
@@ -36,9 +38,16 @@ def bradley_terry_loss(
     diff = chosen_rewards - rejected_rewards
     if margin is not None:
         diff = diff - margin
-    loss = -F.logsigmoid(diff).mean()
+    if keep is None:
+        loss = -F.logsigmoid(diff).mean()
+        if center_rewards_coefficient is not None:
+            loss = loss + center_rewards_coefficient * torch.mean((chosen_rewards + rejected_rewards) ** 2)
+        return loss, chosen_rewards.detach(), rejected_rewards.detach()
+    weights = keep.to(diff.dtype)
+    count = weights.sum().clamp(min=1)
+    loss = (-F.logsigmoid(diff) * weights).sum() / count
     if center_rewards_coefficient is not None:
-        loss = loss + center_rewards_coefficient * torch.mean((chosen_rewards + rejected_rewards) ** 2)
+        loss = loss + center_rewards_coefficient * (((chosen_rewards + rejected_rewards) ** 2) * weights).sum() / count
     return loss, chosen_rewards.detach(), rejected_rewards.detach()
 
 

@@ -7,6 +7,7 @@ from typing import Callable, Iterable, Optional
 
 import lightning as L
 import torch
+import torch.distributed as dist
 from torch.optim.lr_scheduler import LambdaLR
 
 
@@ -34,6 +35,11 @@ class AlignModule(L.LightningModule):
     `self.shard_model(model)` in `configure_model` so FSDP2 (ModelParallelStrategy) can
     shard it. Checkpoints carry only what training changes: frozen parameters (a LoRA
     base, a reference copy) are dropped on save and taken from the loaded model on load.
+
+    A small module trained alongside the main one with settings of its own (DPO's co-trained
+    probe) gets a side optimiser from `side_optimizers()`: it steps with every optimiser step
+    of the main one, on the gradients of the same backward, and is neither scheduled nor
+    clipped with it; its state is saved in and resumed from the checkpoint.
     """
 
     optimizer: Callable = default_optimizer
@@ -55,14 +61,63 @@ class AlignModule(L.LightningModule):
         return apply_sharding(model, mesh, **options)
 
     def parameter_groups(self) -> list[dict]:
-        """Trainable parameters for the optimiser; override to add groups with their own settings."""
-        return [{"params": [p for p in self.parameters() if p.requires_grad]}]
+        """Trainable parameters for the optimiser (those of side optimisers left out); override to
+        add groups with their own settings."""
+        sides = getattr(self, "_side_optimizers", None) or {}
+        side = {id(p) for opt in sides.values() for group in opt.param_groups for p in group["params"]}
+        return [{"params": [p for p in self.parameters() if p.requires_grad and id(p) not in side]}]
 
     def configure_optimizers(self):
+        self._side_optimizers = self.side_optimizers()
+        self._load_side_states(getattr(self, "_side_optimizer_states", None) or {})
+        self._side_optimizer_states = {}
         optimizer = self.optimizer(self.parameter_groups())
         if self.lr_scheduler is None:
             return optimizer
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.lr_scheduler(optimizer), "interval": "step"}}
+
+    # ------------------------------------------------------------------ side optimisers
+    def side_optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        """Optimisers of parameters kept out of `parameter_groups()`, by name; override to add."""
+        return {}
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        # Lightning calls this once per main step, after gradient accumulation and before it
+        # clips the main optimiser's gradients: side optimisers step on their own, unclipped ones
+        sides = getattr(self, "_side_optimizers", None) or {}
+        # NonFiniteGuard drops a bad step by clearing the main gradients: the side steps go with it
+        stepped = any(p.grad is not None for group in optimizer.param_groups for p in group["params"])
+        for side in sides.values():
+            if stepped:
+                self._average_grads([p for group in side.param_groups for p in group["params"]])
+                side.step()
+            side.zero_grad(set_to_none=True)
+
+    def _load_side_states(self, states: dict) -> None:
+        for name, state in states.items():
+            if name not in self._side_optimizers:
+                raise ValueError(
+                    f"the checkpoint holds the state of a side optimiser {name!r} that this {type(self).__name__} "
+                    f"does not have (it has {sorted(self._side_optimizers)}): resume with the configuration "
+                    "that wrote the checkpoint (e.g. model.co_train_probe)"
+                )
+            self._side_optimizers[name].load_state_dict(state)
+
+    def _average_grads(self, params: list[torch.Tensor]) -> None:
+        """Average gradients over ranks where no DDP wrapper does it: FSDP2 (a device mesh)
+        shards only what `shard_model` wrapped, and a side-trained module stays replicated."""
+        if getattr(self, "_device_mesh", None) is None or not dist.is_initialized() or dist.get_world_size() == 1:
+            return
+        grads = [p.grad for p in params if p.grad is not None]
+        if not grads:
+            return
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat)  # a sum (gloo has no average)
+        flat /= dist.get_world_size()
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset : offset + g.numel()].view_as(g))
+            offset += g.numel()
 
     # ------------------------------------------------------------------ lean checkpoints
     def _frozen_keys(self) -> set[str]:
@@ -72,6 +127,9 @@ class AlignModule(L.LightningModule):
         return {k for k, v in state.items() if isinstance(v, torch.nn.Parameter) and not v.requires_grad}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        sides = getattr(self, "_side_optimizers", None) or {}
+        if sides:
+            checkpoint["lit_align_side_optimizers"] = {name: opt.state_dict() for name, opt in sides.items()}
         state = checkpoint.get("state_dict")
         if state is None or getattr(self, "_device_mesh", None) is not None:
             return
@@ -80,6 +138,11 @@ class AlignModule(L.LightningModule):
         checkpoint["lit_align_frozen_keys"] = sorted(frozen & set(state))
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        sides = checkpoint.get("lit_align_side_optimizers") or {}
+        if getattr(self, "_side_optimizers", None) is not None:  # FSDP2 restores after the optimisers exist
+            self._load_side_states(sides)
+        else:  # loaded by configure_optimizers
+            self._side_optimizer_states = dict(sides)
         dropped = checkpoint.get("lit_align_frozen_keys")
         if not dropped:
             return

@@ -4,10 +4,10 @@ One training step:
 
     logps, hidden = policy(chosen ⊕ rejected)            # one concatenated forward
     ref_logps     = reference(chosen ⊕ rejected)         # no_grad / adapters off / disk cache
-    s_c, s_r      = probe(hidden)                        # detached; only with a probe
-    batch         = reranker(batch, s_c, s_r)            # γ, flips, drops (paper A2)
-    loss          = mean_keep( dpo_loss(logps, ref_logps, γ) ) [+ sft_weight · NLL(chosen)]
-                    [+ probe co-training loss]
+    s_c, s_r      = probe(hidden)                        # features detached; only with a probe
+    decision      = reranker(batch, s_c, s_r)            # PairDecision: γ, flips, drops (paper A2)
+    loss          = mean_keep( dpo_loss(orient(logps), orient(ref_logps), γ) ) [+ sft_weight · NLL(chosen)]
+                    [+ probe co-training loss, stepped by the probe's own Adam]
 """
 
 from __future__ import annotations
@@ -21,8 +21,9 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor
 
-from lit_align.data.rerank import ReRanker
+from lit_align.data.rerank import DECISION_KEY, PairDecision, ReRanker, check_reranking
 from lit_align.losses.dpo import LOSS_TYPES, dpo_loss, sft_loss
+from lit_align.losses.probe import pairwise_margin_loss
 from lit_align.models import PolicyConfig, cache_root, export_hf, load_causal_lm, load_tokenizer
 from lit_align.modules.base import AlignModule, default_optimizer
 from lit_align.modules.packing import packed_sequence_logps, supports_packing
@@ -33,20 +34,17 @@ log = logging.getLogger(__name__)
 REFERENCES = ("copy", "lora_base", "cached")
 
 
-def swap_where(flip: Tensor, a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
-    """(a, b) with the entries of flipped pairs exchanged."""
-    return torch.where(flip, b, a), torch.where(flip, a, b)
-
-
 class DPOModule(AlignModule):
     """Direct Preference Optimisation on AlignDataModule preference batches.
 
     Args:
         policy: The model to train (and its tokenizer); LoRA when `policy.lora` is set.
         loss_type: "sigmoid" (DPO), "ipo", "hinge", "robust" or "conservative" (cDPO with the
-            re-ranker's confidence γ, or 1 − label_smoothing without one).
+            re-ranker's confidence γ, or 1 − label_smoothing without one). Only "conservative"
+            reads γ; every loss honours the re-ranker's flips and drops.
         beta: Strength of the implicit KL penalty (temperature of the implicit reward).
-        label_smoothing: Assumed label-noise rate ε for "robust" and "conservative".
+        label_smoothing: Assumed label-noise rate ε for "robust" and "conservative" (an error with
+            the other losses, which ignore it; TRL's sigmoid with label_smoothing is "conservative").
         sft_weight: Weight of an added NLL term on the chosen completions (RPO; TRL's
             `loss_type=[<loss>, "sft"]` with `loss_weights=[1, sft_weight]`); 0 turns it off.
         reference: Where reference log-probs come from: "copy" (a frozen second model),
@@ -55,12 +53,13 @@ class DPOModule(AlignModule):
             model + data + tokenisation, reused by later runs).
         reference_cache_dir: Where "cached" reference log-probs live (default ~/.cache/lit_align/ref_logps).
         probe_path: A probe file (lit_align.probes) scoring the policy's own hidden states; its
-            scores drive the DataModule's re-ranker (paper A2).
+            scores drive the DataModule's re-ranker (`data.reranker`, needed; paper A2).
         co_train_probe: Also train the probe every step on the dataset labels,
-            −log σ(s_c − s_r − probe_margin), as its own parameter group.
-        probe_lr: Learning rate of the probe's parameter group (paper: 1e-2).
-        probe_weight_decay: Weight decay of the probe's parameter group (paper: 0.01).
-        probe_margin: Margin m of the probe's pairwise loss.
+            −log σ(s_c − s_r − probe_margin), with its own Adam optimiser (paper A2), which the
+            policy's scheduler and gradient clipping do not touch.
+        probe_lr: Learning rate of the probe's Adam (default 1e-2, the paper's); only with co_train_probe.
+        probe_weight_decay: Weight decay (L2) of the probe's Adam (default 0.01, the paper's); only with co_train_probe.
+        probe_margin: Margin m of the probe's pairwise loss (default 1.0); only with co_train_probe.
         export_dir: Save the trained policy here as a Hugging Face directory when fit ends.
         merge_lora: Export a LoRA policy merged into its base (else as an adapter).
         packing: Compute log-probs without padding — each pair's prompt once, shared by its chosen
@@ -82,9 +81,9 @@ class DPOModule(AlignModule):
         reference_cache_dir: Optional[str] = None,
         probe_path: Optional[str] = None,
         co_train_probe: bool = False,
-        probe_lr: float = 1e-2,
-        probe_weight_decay: float = 0.01,
-        probe_margin: float = 1.0,
+        probe_lr: Optional[float] = None,
+        probe_weight_decay: Optional[float] = None,
+        probe_margin: Optional[float] = None,
         export_dir: Optional[str] = None,
         merge_lora: bool = True,
         packing: bool = True,
@@ -99,7 +98,19 @@ class DPOModule(AlignModule):
         if reference == "lora_base" and policy.lora is None:
             raise ValueError("model.reference='lora_base' needs model.policy.lora (the base is the reference)")
         if co_train_probe and probe_path is None:
-            raise ValueError("model.co_train_probe needs model.probe_path")
+            raise ValueError("model.co_train_probe needs model.probe_path (the probe file to co-train)")
+        if label_smoothing and loss_type not in ("robust", "conservative"):
+            raise ValueError(
+                f"model.label_smoothing={label_smoothing} has no effect with loss_type={loss_type!r}: only robust "
+                "and conservative read it (TRL's sigmoid loss with label_smoothing is loss_type: conservative)"
+            )
+        probe_settings = {"probe_lr": probe_lr, "probe_weight_decay": probe_weight_decay, "probe_margin": probe_margin}
+        unused = [f"model.{k}" for k, v in probe_settings.items() if v is not None]
+        if unused and not co_train_probe:
+            raise ValueError(
+                f"{', '.join(unused)} only apply to a co-trained probe, but model.co_train_probe is false: "
+                f"set model.co_train_probe: true or remove {', '.join(unused)}"
+            )
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         self.policy_config = policy
         self.loss_type, self.beta, self.label_smoothing = loss_type, beta, label_smoothing
@@ -107,7 +118,9 @@ class DPOModule(AlignModule):
         self.reference_mode = reference
         self.reference_cache_dir = Path(reference_cache_dir) if reference_cache_dir else cache_root() / "ref_logps"
         self.probe_path, self.co_train_probe = probe_path, co_train_probe
-        self.probe_lr, self.probe_weight_decay, self.probe_margin = probe_lr, probe_weight_decay, probe_margin
+        self.probe_lr = 1e-2 if probe_lr is None else probe_lr
+        self.probe_weight_decay = 0.01 if probe_weight_decay is None else probe_weight_decay
+        self.probe_margin = 1.0 if probe_margin is None else probe_margin
         self.export_dir, self.merge_lora = export_dir, merge_lora
         self.packing = packing
         self.optimizer, self.lr_scheduler = optimizer, lr_scheduler
@@ -132,13 +145,36 @@ class DPOModule(AlignModule):
             self.probe.requires_grad_(self.co_train_probe)
         self.policy = self.shard_model(self.policy)
 
+    def setup(self, stage: str) -> None:
+        if stage == "fit":
+            self.check_reranker(self.reranker)
+
+    def check_reranker(self, reranker: ReRanker) -> None:
+        """Refuse, at set-up, a re-ranker, probe or γ that would silently do nothing."""
+        honours = ("flip", "keep", "confidence") if self.loss_type == "conservative" else ("flip", "keep")
+        check_reranking(
+            reranker, type(self).__name__, honours, has_scores=self.probe_path is not None,
+            scores_hint="set model.probe_path to a probe trained on this policy's hidden states "
+            "(lit-align fit -c configs/probe.yaml), or use a re-ranker that scores pairs itself",
+            ignored_hint=f"model.loss_type={self.loss_type!r} ignores the confidence γ (only 'conservative' "
+            "reads it): set model.loss_type: conservative, or use action: flip or action: drop",
+        )
+
+    # ------------------------------------------------------------------ optimisers
     def parameter_groups(self) -> list[dict]:
-        groups = [{"params": [p for p in self.policy.parameters() if p.requires_grad]}]
-        if self.probe is not None and self.co_train_probe:
-            groups.append(
-                {"params": list(self.probe.parameters()), "lr": self.probe_lr, "weight_decay": self.probe_weight_decay}
-            )
-        return groups
+        """The policy's trainable parameters only: the probe has its own optimiser."""
+        return [{"params": [p for p in self.policy.parameters() if p.requires_grad]}]
+
+    def side_optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        """The co-trained probe's own Adam (SPEC A2: lr 1e-2, weight decay 0.01), apart from the
+        policy's optimiser: no scheduler, no clipping; stepped with every policy step (AlignModule)."""
+        if self.probe is None or not self.co_train_probe:
+            return {}
+        return {"probe": torch.optim.Adam(self.probe.parameters(), lr=self.probe_lr, weight_decay=self.probe_weight_decay)}
+
+    @property
+    def probe_optimizer(self) -> Optional[torch.optim.Optimizer]:
+        return (getattr(self, "_side_optimizers", None) or {}).get("probe")
 
     # ------------------------------------------------------------------ log-probs
     def _logits_to_keep(self, model, completion_mask: Tensor) -> dict:
@@ -209,48 +245,67 @@ class DPOModule(AlignModule):
         logps, hidden = self.sequence_logps(
             self.policy, input_ids, attention_mask, completion_mask, output_hidden_states=self.probe is not None
         )
-        chosen_logps, rejected_logps = logps.chunk(2)
         ref_chosen, ref_rejected = self.reference_logps(batch, split)
+        decision, metrics, probe_loss = self.rerank(batch, hidden, attention_mask, split)
+        loss, pair_metrics = self.pair_loss(
+            *logps.chunk(2), ref_chosen, ref_rejected, *completion_mask.sum(-1).chunk(2), decision=decision
+        )
+        metrics.update(pair_metrics)
+        if probe_loss is not None:  # its gradients reach only the probe (features are detached)
+            loss = loss + probe_loss
+        return loss, metrics
+
+    def rerank(
+        self, batch: dict, hidden_states, attention_mask: Tensor, split: str
+    ) -> tuple[Optional[PairDecision], dict, Optional[Tensor]]:
+        """The re-ranker's decision on this batch (from the probe's scores of this forward's
+        hidden states in training, else the one the DataModule put in the batch, if any), the
+        probe's metrics and its co-training loss −log σ(s_c − s_r − m)."""
+        decision: Optional[PairDecision] = batch.get(DECISION_KEY)
         metrics, probe_loss = {}, None
         if self.probe is not None:
-            s_c, s_r = self.score_pairs(hidden, attention_mask)
+            s_c, s_r = self.score_pairs(hidden_states, attention_mask)
             if split == "train":
-                batch = self.reranker(batch, s_c.detach(), s_r.detach())
-                metrics.update(batch.get("rerank_stats", {}))
+                decision = self.reranker(batch, s_c.detach(), s_r.detach())
                 if self.co_train_probe:
-                    from lit_align.losses.probe import pairwise_margin_loss
-
                     probe_loss, _, _ = pairwise_margin_loss(s_c, s_r, self.probe_margin)
                     metrics["probe/loss"] = probe_loss.detach()
             metrics["probe/accuracy"] = (s_c > s_r).float().mean().detach()
+        if decision is not None:
+            metrics.update(decision.stats)
+        return decision, metrics, probe_loss
 
-        chosen_lengths, rejected_lengths = completion_mask.sum(-1).chunk(2)
-        flip = batch.get("pair_flip")
-        if flip is not None:  # the re-ranker swapped these pairs' roles
-            chosen_logps, rejected_logps = swap_where(flip, chosen_logps, rejected_logps)
-            ref_chosen, ref_rejected = swap_where(flip, ref_chosen, ref_rejected)
-            chosen_lengths, rejected_lengths = swap_where(flip, chosen_lengths, rejected_lengths)
+    def pair_loss(
+        self,
+        chosen_logps: Tensor,
+        rejected_logps: Tensor,
+        ref_chosen: Tensor,
+        ref_rejected: Tensor,
+        chosen_lengths: Tensor,
+        rejected_lengths: Tensor,
+        decision: Optional[PairDecision] = None,
+    ) -> tuple[Tensor, dict]:
+        """Mean DPO loss over the kept pairs [+ sft_weight · NLL of the chosen] and TRL's metrics,
+        with the re-ranker's decision applied: flipped pairs swap chosen and rejected (log-probs,
+        reference and lengths), dropped pairs are left out of the mean, and γ is the
+        conservative loss's confidence."""
+        confidence, keep = None, None
+        if decision is not None:
+            chosen_logps, rejected_logps = decision.orient(chosen_logps, rejected_logps)
+            ref_chosen, ref_rejected = decision.orient(ref_chosen, ref_rejected)
+            chosen_lengths, rejected_lengths = decision.orient(chosen_lengths, rejected_lengths)
+            confidence, keep = decision.confidence, decision.keep
         losses, chosen_rewards, rejected_rewards = dpo_loss(
-            chosen_logps,
-            rejected_logps,
-            ref_chosen,
-            ref_rejected,
-            beta=self.beta,
-            loss_type=self.loss_type,
-            label_smoothing=self.label_smoothing,
-            confidence=batch.get("pair_confidence"),
-            chosen_lengths=chosen_lengths,
-            rejected_lengths=rejected_lengths,
+            chosen_logps, rejected_logps, ref_chosen, ref_rejected, beta=self.beta, loss_type=self.loss_type,
+            label_smoothing=self.label_smoothing, confidence=confidence,
+            chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths,
         )
-        keep = batch.get("pair_keep")
-        keep = torch.ones_like(losses) if keep is None else keep.to(losses.dtype)
-        loss = (losses * keep).sum() / keep.sum().clamp(min=1)
+        loss = losses.mean() if decision is None else decision.mean(losses)
+        metrics = {}
         if self.sft_weight:
             nll = sft_loss(chosen_logps, chosen_lengths, keep)
             loss = loss + self.sft_weight * nll
             metrics["nll_loss"] = nll.detach()
-        if probe_loss is not None:
-            loss = loss + probe_loss
         metrics.update(
             {
                 "rewards/chosen": chosen_rewards.mean(),

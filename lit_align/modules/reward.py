@@ -26,6 +26,7 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
+from lit_align.data.rerank import DECISION_KEY, PairDecision, ReRanker, check_reranking
 from lit_align.losses.reward import bradley_terry_loss, pairwise_metrics
 from lit_align.models import DTYPES, LoraArgs, PolicyConfig, is_peft, load_tokenizer, resolve_name
 from lit_align.modules.base import AlignModule, default_optimizer
@@ -210,24 +211,41 @@ class RewardModule(AlignModule):
             scored = hidden.reshape(-1, hidden.shape[-1])[last]
         return head(scored).squeeze(-1)
 
-    @staticmethod
-    def apply_reranking(batch: dict, chosen: Tensor, rejected: Tensor) -> tuple[Tensor, Tensor]:
-        """Honour a re-ranker's `pair_flip` (swap) and `pair_keep` (drop) decisions."""
-        flip, keep = batch.get("pair_flip"), batch.get("pair_keep")
-        if flip is not None:
-            chosen, rejected = torch.where(flip, rejected, chosen), torch.where(flip, chosen, rejected)
-        if keep is not None:
-            chosen, rejected = chosen[keep], rejected[keep]
-        return chosen, rejected
-
     def compute_loss(self, batch: dict) -> tuple[Tensor, dict[str, Tensor]]:
-        """Bradley–Terry loss and TRL RewardTrainer's metrics for one preference batch."""
+        """Bradley–Terry loss and TRL RewardTrainer's metrics for one preference batch, with the
+        re-ranker's decision (`PairDecision` in the batch, from a re-ranker that scores pairs
+        itself) applied: flipped pairs swap chosen and rejected, dropped pairs are left out."""
         ids, mask, completion = (torch.cat([batch[f"chosen_{k}"], batch[f"rejected_{k}"]])
                                  for k in ("input_ids", "attention_mask", "completion_mask"))
         chosen, rejected = self.reward(ids, mask, completion).float().chunk(2)
-        chosen, rejected = self.apply_reranking(batch, chosen, rejected)
-        loss, chosen, rejected = bradley_terry_loss(chosen, rejected, self.margin or None, self.center_rewards_coefficient)
-        return loss, pairwise_metrics(chosen, rejected)
+        decision: Optional[PairDecision] = batch.get(DECISION_KEY)
+        keep = None
+        if decision is not None:
+            chosen, rejected = decision.orient(chosen, rejected)
+            keep = decision.keep
+        loss, chosen, rejected = bradley_terry_loss(
+            chosen, rejected, self.margin or None, self.center_rewards_coefficient, keep=keep
+        )
+        if keep is not None and keep.any():  # metrics of the pairs trained on
+            chosen, rejected = chosen[keep], rejected[keep]
+        metrics = pairwise_metrics(chosen, rejected)
+        if decision is not None:
+            metrics.update(decision.stats)
+        return loss, metrics
+
+    def setup(self, stage: str) -> None:
+        if stage == "fit":
+            datamodule = getattr(self.trainer, "datamodule", None)
+            self.check_reranker(getattr(datamodule, "reranker", None) or ReRanker())
+
+    def check_reranker(self, reranker: ReRanker) -> None:
+        """Refuse, at set-up, a re-ranker whose decision this module would ignore."""
+        check_reranking(
+            reranker, type(self).__name__, honours=("flip", "keep"), has_scores=False,
+            scores_hint="a reward model has no probe; use a re-ranker that scores pairs itself "
+            "(lit_align.ShadowReRanker) or remove data.reranker",
+            ignored_hint="the Bradley–Terry loss reads no confidence γ; use action: flip or action: drop",
+        )
 
     # ------------------------------------------------------------------ steps
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:

@@ -149,11 +149,13 @@ class ShadowRewardEnsemble:
 
 class ShadowReRanker(ConfidenceReRanker):
     """Re-ranks DPO preference pairs by the shadow ensemble's rewards of chosen and rejected
-    (policies and confidence as `ConfidenceReRanker`, with rewards in place of probe scores)."""
+    (actions and confidence as `ConfidenceReRanker`, with rewards in place of probe scores)."""
 
-    def __init__(self, ensemble: ShadowRewardEnsemble, policy: Literal["soft", "flip", "drop"] = "flip",
-                 granularity: Literal["batch", "pair"] = "pair", alpha: float = 7.5, drop_threshold: float = 0.5):
-        super().__init__(policy=policy, granularity=granularity, alpha=alpha, drop_threshold=drop_threshold)
+    def __init__(self, ensemble: ShadowRewardEnsemble, action: Literal["soft", "flip", "drop"] = "flip",
+                 granularity: Literal["batch", "pair"] = "pair", alpha: float = 7.5,
+                 drop_threshold: Optional[float] = None, policy: Optional[str] = None):
+        super().__init__(action=action, granularity=granularity, alpha=alpha, drop_threshold=drop_threshold,
+                         policy=policy)
         self.ensemble = ensemble
 
     def score(self, batch: dict) -> tuple[Tensor, Tensor]:
