@@ -19,6 +19,7 @@ _EXPORTS: dict[str, str] = {
     "load_tokenizer": "lit_align.models",
     "export_hf": "lit_align.models",
     "ReRanker": "lit_align.data.rerank",
+    "PairDecision": "lit_align.data.rerank",
     "AlignDataModule": "lit_align.data.datamodule",
     "load_rows": "lit_align.data.formats",
     "BadRowError": "lit_align.data.formats",
