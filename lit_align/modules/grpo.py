@@ -23,14 +23,23 @@ import logging
 from collections import defaultdict
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Callable, Optional, Union
+from typing import Callable, Literal, Optional, Union
 
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor
 
 from lit_align.generation import Generator, HFGenerator, SamplingConfig
-from lit_align.losses.grpo import LOSS_TYPES, compute_advantages, grpo_loss, nanstd, token_logps_and_entropy
+from lit_align.losses.grpo import (
+    LOSS_TYPES,
+    Aggregation,
+    LossType,
+    ScaleRewards,
+    compute_advantages,
+    grpo_loss,
+    nanstd,
+    token_logps_and_entropy,
+)
 from lit_align.models import PolicyConfig, export_hf, load_causal_lm, load_tokenizer, resolve_name
 from lit_align.modules.base import AlignModule, default_optimizer
 from lit_align.modules.shared_prompt import completion_logits
@@ -90,7 +99,10 @@ class GRPOModule(AlignModule):
         beta: KL coefficient β (0: no reference model is loaded).
         epsilon: Lower clipping range ε (and the upper one unless `epsilon_high` is set).
         epsilon_high: Upper clipping range (DAPO "clip-higher", e.g. 0.28).
-        use_bias_correction_kl: Multiply the KL term by the ratio ρ (TRL's default).
+        use_bias_correction_kl: Multiply the KL term by the ratio ρ (TRL's default). Its expected
+            gradient is then ∇KL(π_θ ‖ π_ref); without it (false: DeepSeekMath's and the SRMIR
+            paper's k3 term, the SRMIR configs' setting) it is ∇KL(π_ref ‖ π_θ), also on-policy
+            (docs/grpo.md, "The KL term").
         num_iterations: Optimisation passes over each generation batch (μ in the paper).
         steps_per_generation: Optimiser steps per pass (the batch is split into this many slices).
         micro_batch_size: Completions per forward/backward (gradient accumulation inside a step);
@@ -117,8 +129,8 @@ class GRPOModule(AlignModule):
         policy: PolicyConfig,
         reward_funcs: list[Union[str, Callable]],
         reward_weights: Optional[list[float]] = None,
-        multi_objective_aggregation: str = "sum_then_normalize",
-        scale_rewards: str = "group",
+        multi_objective_aggregation: Aggregation = "sum_then_normalize",
+        scale_rewards: ScaleRewards = "group",
         num_generations: int = 8,
         max_completion_length: int = 256,
         temperature: float = 1.0,
@@ -126,7 +138,7 @@ class GRPOModule(AlignModule):
         top_k: int = 0,
         repetition_penalty: float = 1.0,
         mask_truncated_completions: bool = False,
-        loss_type: str = "dapo",
+        loss_type: LossType = "dapo",
         beta: float = 0.0,
         epsilon: float = 0.2,
         epsilon_high: Optional[float] = None,
@@ -135,8 +147,8 @@ class GRPOModule(AlignModule):
         steps_per_generation: int = 1,
         micro_batch_size: Optional[int] = None,
         max_grad_norm: Optional[float] = 1.0,
-        reference: Optional[str] = None,
-        generation_backend: str = "lean",
+        reference: Optional[Literal["copy", "lora_base"]] = None,
+        generation_backend: Literal["lean", "hf", "vllm"] = "lean",
         vllm: Optional[dict] = None,
         generation_seed: Optional[int] = 0,
         log_completions_every_n_steps: int = 10,
@@ -317,6 +329,17 @@ class GRPOModule(AlignModule):
             return float(micro.completion_mask.sum()) / max(float(part.completion_mask.sum()), 1.0)
         return 1.0  # dapo: already divided by the generation batch's token count
 
+    def dapo_normaliser(self, completion_mask: Tensor) -> float:
+        """`dapo`'s divisor for one optimiser step: the active tokens of the generation batch
+        on all processes ÷ (processes · steps_per_generation), as TRL's GRPOTrainer. The
+        processes' gradients are averaged (DDP, FSDP), so every token then weighs
+        1 / (its step's share of all tokens), whatever its process holds."""
+        count = completion_mask.sum().float()
+        world = self.trainer.world_size if self._trainer is not None else 1
+        if world > 1:
+            count = self.all_gather(count).sum() / world
+        return float(count) / self.steps_per_generation
+
     def optimisation_step(self, part: Rollout, num_items: float) -> dict:
         """One optimiser step on a slice of the rollout; returns its stats."""
         optimizer = self.optimizers()
@@ -359,8 +382,7 @@ class GRPOModule(AlignModule):
         step = self.global_step
         seed = None if self.generation_seed is None else self.generation_seed + step + 1_000_003 * self.global_rank
         rollout, metrics, table = self.make_rollout(batch, seed)
-        # dapo normalises by the generation batch's tokens, shared among its optimiser steps (as TRL)
-        num_items = float(rollout.completion_mask.sum()) / self.steps_per_generation
+        num_items = self.dapo_normaliser(rollout.completion_mask)
         history = defaultdict(list)
         for _ in range(self.num_iterations):
             for part in rollout.split(self.steps_per_generation):
@@ -369,6 +391,8 @@ class GRPOModule(AlignModule):
         metrics.update({k: sum(v) / len(v) for k, v in history.items()})
         size = len(batch["prompt"])
         self.log("reward", float(metrics.pop("reward")), prog_bar=True, batch_size=size)
+        # each rank's loss is its share of the global one (dapo): the mean over ranks is the loss
+        self.log("loss", float(metrics.pop("loss")), batch_size=size, sync_dist=True)
         self.log_dict({k: float(v) for k, v in metrics.items()}, batch_size=size)
         generation_index = step // (self.num_iterations * self.steps_per_generation)
         if self.log_completions_every_n_steps and generation_index % self.log_completions_every_n_steps == 0:
