@@ -176,7 +176,7 @@ def test_micro_batches_give_the_same_gradient(tiny_model_dir, loss_type):
     assert stats["kl"] >= 0
 
 
-@pytest.mark.parametrize("name", ["grpo_function", "grpo_linear", "grpo_categorized"])
+@pytest.mark.parametrize("name", ["grpo_function", "grpo_linear", "grpo_categorized", "demo/grpo"])
 def test_configs_parse(name, capsys):
     from lit_align.cli import main
 
@@ -186,6 +186,8 @@ def test_configs_parse(name, capsys):
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["model"]["class_path"].endswith("GRPOModule")
     assert printed["data"]["mode"] == "prompts"
+    model = printed["model"]["init_args"]
+    assert (model["beta"], model["use_bias_correction_kl"]) == (0.04, False)  # SRMIR's KL (DeepSeekMath k3)
 
 
 def test_bad_options_fail_clearly(tiny_model_dir):
