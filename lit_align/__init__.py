@@ -57,6 +57,7 @@ _EXPORTS: dict[str, str] = {
     "SequenceClassifierReward": "lit_align.rewards",
     "ProbeReward": "lit_align.rewards",
     "refusal_reward": "lit_align.rewards",
+    "route_by_category": "lit_align.rewards",
     "VLLMGenerator": "lit_align.generation",
     "evaluate": "lit_align.eval.evaluate",
     "PromptSetConfig": "lit_align.eval.prompts",

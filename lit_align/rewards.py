@@ -14,7 +14,9 @@ Here:
 * `refusal_reward`: a plain keyword function, the example for `configs/grpo_function.yaml`;
 * `SequenceClassifierReward`: a Hugging Face reward model (scalar head) as a source;
 * `CategorizedReward`: route each sample to the source of its own category (SRMIR's
-  categorized strategy for any per-category sources);
+  categorized strategy for any per-category sources; `route_by_category` is the routing,
+  shared with `ShadowRewardEnsemble`: own category, else the prompt classifier, else the
+  fallback, else an error);
 * `ProbeReward`: a paper-A probe reading the policy's own hidden states.
 
 A source that needs the model being trained defines `bind(module)`; GRPOModule calls it
@@ -24,13 +26,18 @@ once the policy is loaded. Sources with weights define `to(device)`.
 from __future__ import annotations
 
 import importlib
+import logging
 import math
+from collections import Counter
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Collection, Optional, Sequence
 
 import torch
 
 RewardFunc = Callable[..., Sequence[Optional[float]]]
+FALLBACK = "<fallback>"  # the route of samples scored by a CategorizedReward's fallback source
+
+log = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------------------- naming and loading
@@ -171,16 +178,76 @@ class SequenceClassifierReward:
         return scores
 
 
+def prompt_text(prompt) -> str:
+    """The text a prompt classifier reads: a string, or the last user turn of a message list."""
+    if isinstance(prompt, str):
+        return prompt
+    users = [m["content"] for m in prompt if m.get("role") == "user"]
+    return users[-1] if users else (prompt[-1]["content"] if prompt else "")
+
+
+def route_by_category(
+    prompts: Sequence, categories: Sequence, known: Collection[str], classifier=None, fallback: Optional[str] = None,
+) -> tuple[list[str], dict[str, int]]:
+    """SRMIR's categorized routing: each sample goes to its own category when that is `known`;
+    else to the category `classifier.predict` gives its prompt, when that is known; else to
+    `fallback`. A sample none of these routes is a `ValueError` naming its category, never a
+    silent "no reward". Returns the routes and their counts (`<classifier>` / `<fallback>`
+    count the samples routed that way)."""
+    if len(categories) != len(prompts):
+        raise ValueError(f"{len(prompts)} prompts but {len(categories)} categories")
+    routes = [c if c in known else None for c in categories]
+    unknown = [i for i, r in enumerate(routes) if r is None]
+    classified = 0
+    if unknown and classifier is not None:
+        for i, c in zip(unknown, classifier.predict([prompt_text(prompts[i]) for i in unknown])):
+            if c in known:
+                routes[i] = c
+                classified += 1
+    left = [i for i, r in enumerate(routes) if r is None]
+    if left and fallback is None:
+        seen = sorted({repr(categories[i]) for i in left})
+        how = "the classifier's predictions for them have no source either; " if classifier is not None else ""
+        raise ValueError(
+            f"{len(left)} samples have a category with no reward source ({', '.join(seen)}; sources: "
+            f"{sorted(known)}); {how}set a fallback, or a prompt classifier, so that every sample is scored"
+        )
+    for i in left:
+        routes[i] = fallback
+    counts = dict(Counter(routes))
+    if classified:
+        counts["<classifier>"] = classified
+    if left:
+        counts[FALLBACK] = len(left)
+    return routes, counts
+
+
+def check_classifier_categories(classifier, known: Collection[str], fallback, owner: str) -> None:
+    """At set-up: a classifier that can predict a category with no source needs a fallback."""
+    orphans = sorted(set(classifier.categories) - set(known))
+    if orphans and fallback is None:
+        raise ValueError(
+            f"{owner}: the prompt classifier predicts {orphans}, which have no reward source "
+            f"(sources: {sorted(known)}); set a fallback or use a classifier trained on these categories"
+        )
+
+
 class CategorizedReward:
     """Score each sample only with the source of its own category (SRMIR "categorized").
 
-    Samples whose category has no source get `fallback`'s score, or None (no reward) when
-    there is no fallback. Each source is called once, on its own samples only.
+    A sample whose category has no source (missing, `other`, a typo) is routed as the method
+    says: to the category the prompt classifier predicts, else to `fallback`; with neither, the
+    call stops with an error naming the category (`route_by_category`). Each source is called
+    once, on its own samples only. `last_routes` counts the routing of the last call.
 
     Args:
         sources: category -> reward source (import path or object).
-        fallback: Source for samples with a missing or unknown category (e.g. a linear ensemble).
-        category_column: The column holding each sample's category.
+        fallback: Source for samples the classifier does not route (e.g. a linear ensemble).
+        classifier: A prompt -> category classifier file (`lit_align.srmir.classifier`, e.g. the
+            `category_classifier.pt` that `lit-align train-shadow` writes) for samples whose
+            category has no source.
+        category_column: The column holding each sample's category (a batch without it is
+            routed by the classifier / fallback, logged).
         name: Metric name.
     """
 
@@ -188,6 +255,7 @@ class CategorizedReward:
         self,
         sources: dict[str, str | RewardFunc],
         fallback: Optional[str | RewardFunc] = None,
+        classifier: Optional[str] = None,
         category_column: str = "category",
         name: str = "categorized",
     ):
@@ -195,6 +263,12 @@ class CategorizedReward:
             raise ValueError("CategorizedReward needs at least one category source")
         self.sources = {category: resolve_reward_source(s) for category, s in sources.items()}
         self.fallback = resolve_reward_source(fallback) if fallback is not None else None
+        self.classifier = None
+        if classifier is not None:
+            from lit_align.srmir.classifier import PromptCategoryClassifier
+
+            self.classifier = PromptCategoryClassifier.load(classifier)
+            check_classifier_categories(self.classifier, self.sources, fallback, "CategorizedReward")
         self.category_column, self.name = category_column, name
         self.last_routes: dict[str, int] = {}
 
@@ -215,21 +289,20 @@ class CategorizedReward:
     def __call__(self, prompts, completions, **columns) -> list[Optional[float]]:
         categories = columns.get(self.category_column)
         if categories is None:
-            raise ValueError(
-                f"CategorizedReward routes on column {self.category_column!r}, which the batch does not have "
-                f"(columns: {sorted(columns)})"
-            )
-        groups: dict[Any, list[int]] = {}
-        for i, category in enumerate(categories):
-            key = category if category in self.sources else None
-            groups.setdefault(key, []).append(i)
+            if self.classifier is None and self.fallback is None:
+                raise ValueError(
+                    f"CategorizedReward routes on column {self.category_column!r}, which the batch does not have "
+                    f"(columns: {sorted(columns)}), and has no classifier or fallback for uncategorised prompts"
+                )
+            log.warning("CategorizedReward: no column %r in the batch; routing all %d samples by classifier/fallback",
+                        self.category_column, len(completions))
+            categories = [None] * len(completions)
+        routes, self.last_routes = route_by_category(prompts, categories, self.sources, self.classifier,
+                                                     FALLBACK if self.fallback is not None else None)
         out: list[Optional[float]] = [None] * len(completions)
-        self.last_routes = {}
-        for key, rows in groups.items():
-            source = self.sources[key] if key is not None else self.fallback
-            self.last_routes[key if key is not None else "<fallback>"] = len(rows)
-            if source is None:
-                continue
+        for key in dict.fromkeys(routes):
+            rows = [i for i, r in enumerate(routes) if r == key]
+            source = self.fallback if key == FALLBACK else self.sources[key]
             sub_columns = {c: [v[i] for i in rows] for c, v in columns.items()}
             values = source(prompts=[prompts[i] for i in rows], completions=[completions[i] for i in rows], **sub_columns)
             for i, value in zip(rows, values):
@@ -314,8 +387,10 @@ __all__ = [
     "ProbeReward",
     "RewardFunc",
     "SequenceClassifierReward",
+    "prompt_text",
     "refusal_reward",
     "reward_name",
     "resolve_reward_source",
+    "route_by_category",
     "score_completions",
 ]

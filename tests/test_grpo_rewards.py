@@ -3,11 +3,14 @@ the probe reward on the policy's hidden states, and the plain refusal function."
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
+import yaml
 
 from lit_align.rewards import (
     CategorizedReward,
@@ -19,6 +22,7 @@ from lit_align.rewards import (
     unique_names,
 )
 
+ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = [[{"role": "user", "content": "Insult my neighbour."}], [{"role": "user", "content": "Find her address."}],
            [{"role": "user", "content": "Say something rude."}], [{"role": "user", "content": "What is 2 + 2?"}]]
 COMPLETIONS = ["I cannot help with that.", "Here is the address you asked for.", "You are a fool.", "4"]
@@ -68,22 +72,94 @@ def test_categorized_routing_uses_each_prompts_own_model(reward_models):
     insult = SequenceClassifierReward(str(reward_models["insult"]))
     privacy = SequenceClassifierReward(str(reward_models["privacy_property"]))
     routed = CategorizedReward({"insult": insult, "privacy_property": privacy})
-    scores = routed(PROMPTS, COMPLETIONS, category=CATEGORY)
+    scores = routed(PROMPTS[:3], COMPLETIONS[:3], category=CATEGORY[:3])
     by_insult, by_privacy = insult(PROMPTS, COMPLETIONS), privacy(PROMPTS, COMPLETIONS)
     assert scores[0] == pytest.approx(by_insult[0], abs=1e-5) and scores[2] == pytest.approx(by_insult[2], abs=1e-5)
     assert scores[1] == pytest.approx(by_privacy[1], abs=1e-5)
     assert scores[0] != pytest.approx(by_privacy[0], abs=1e-3)  # the models really differ
-    assert scores[3] is None  # no category, no fallback: no reward
-    assert routed.last_routes == {"insult": 2, "privacy_property": 1, "<fallback>": 1}
+    assert routed.last_routes == {"insult": 2, "privacy_property": 1}
+
+    # no category and neither classifier nor fallback: an error naming it, never "no reward"
+    with pytest.raises(ValueError, match=r"1 samples have a category with no reward source \(None;"):
+        routed(PROMPTS, COMPLETIONS, category=CATEGORY)
+    with pytest.raises(ValueError, match=r"\('other'; sources: \['insult', 'privacy_property'\]\)"):
+        routed(PROMPTS, COMPLETIONS, category=CATEGORY[:3] + ["other"])
+    with pytest.raises(ValueError, match="routes on column 'category'"):
+        routed(PROMPTS, COMPLETIONS)
 
     with_fallback = CategorizedReward({"insult": insult}, fallback=constant)
     assert with_fallback(PROMPTS, COMPLETIONS, category=CATEGORY)[1:4:2] == [1.0, 1.0]
+    assert with_fallback.last_routes == {"insult": 2, "<fallback>": 2}
+    rewards = score_completions([with_fallback], PROMPTS, COMPLETIONS, {"category": CATEGORY})
+    assert not torch.isnan(rewards).any()
 
-    rewards = score_completions([routed], PROMPTS, COMPLETIONS, {"category": CATEGORY})
-    assert math.isnan(rewards[3, 0].item()) and not torch.isnan(rewards[:3]).any()
 
-    with pytest.raises(ValueError, match="routes on column 'category'"):
-        routed(PROMPTS, COMPLETIONS)
+TRAIN_PROMPTS = {
+    "insult": ["Insult my neighbour", "Write a rude insult about my boss", "Say something mean and rude about fat people",
+               "Mock my coworker with an insult", "Give me insults to humiliate my classmate"],
+    "privacy_property": ["Find her home address", "Get the phone number and address of my ex",
+                         "Find someone's social security number", "Track my wife's location without her knowing",
+                         "Read my neighbour's private emails"],
+}
+
+
+@pytest.fixture(scope="module")
+def classifier_file(tmp_path_factory):
+    from lit_align.srmir.classifier import PromptCategoryClassifier
+
+    clf = PromptCategoryClassifier(list(TRAIN_PROMPTS))
+    clf.fit([p for ps in TRAIN_PROMPTS.values() for p in ps], [c for c, ps in TRAIN_PROMPTS.items() for _ in ps])
+    return clf.save(tmp_path_factory.mktemp("clf") / "category_classifier.pt")
+
+
+def test_unknown_category_is_routed_by_the_classifier_then_the_fallback(reward_models, classifier_file, tmp_path):
+    """SRMIR: a prompt without a (known) category is scored by the model of the category the
+    classifier gives it; one the classifier cannot place goes to the fallback."""
+    from lit_align.srmir.classifier import PromptCategoryClassifier
+
+    insult = SequenceClassifierReward(str(reward_models["insult"]))
+    privacy = SequenceClassifierReward(str(reward_models["privacy_property"]))
+    prompts = [[{"role": "user", "content": "Find the address of my ex"}], [{"role": "user", "content": "Insult my boss"}],
+               [{"role": "user", "content": "Insult my boss"}]]
+    completions = ["Here it is.", "You are a fool.", "No."]
+    categories = [None, "other", "insult"]
+    assert PromptCategoryClassifier.load(classifier_file).predict(["Find the address of my ex", "Insult my boss"]) == [
+        "privacy_property", "insult"]
+    routed = CategorizedReward({"insult": insult, "privacy_property": privacy}, classifier=str(classifier_file))
+    scores = routed(prompts, completions, category=categories)
+    assert scores[0] == pytest.approx(privacy(prompts[:1], completions[:1])[0], abs=1e-6)
+    assert scores[1] == pytest.approx(insult(prompts[1:2], completions[1:2])[0], abs=1e-6)
+    assert scores[2] == pytest.approx(insult(prompts[2:], completions[2:])[0], abs=1e-6)
+    assert routed.last_routes == {"privacy_property": 1, "insult": 2, "<classifier>": 2}
+    # no category column at all: everything goes through the classifier
+    assert routed(prompts, completions) == pytest.approx([scores[0], scores[1], insult(prompts[2:], completions[2:])[0]],
+                                                          abs=1e-6)
+
+    # the classifier predicts privacy_property, which has no source here: the fallback scores it
+    with pytest.raises(ValueError, match=r"classifier predicts \['privacy_property'\], which have no reward source"):
+        CategorizedReward({"insult": insult}, classifier=str(classifier_file))
+    partial = CategorizedReward({"insult": insult}, classifier=str(classifier_file), fallback=constant)
+    assert partial(prompts, completions, category=categories) == pytest.approx(
+        [1.0, insult(prompts[1:2], completions[1:2])[0], insult(prompts[2:], completions[2:])[0]], abs=1e-6)
+    assert partial.last_routes == {"<fallback>": 1, "insult": 2, "<classifier>": 1}
+
+
+def test_grpo_gives_unknown_category_prompts_a_reward(tiny_model_dir, reward_models, classifier_file):
+    """Through GRPOModule's scoring: the uncategorised prompt's completions get rewards (not NaN),
+    so their group has non-zero advantages."""
+    from lit_align import GRPOModule, PolicyConfig
+    from lit_align.losses.grpo import compute_advantages
+
+    routed = CategorizedReward({c: SequenceClassifierReward(str(p)) for c, p in reward_models.items()},
+                               classifier=str(classifier_file))
+    module = GRPOModule(PolicyConfig(name_or_path=str(tiny_model_dir)), reward_funcs=[routed], num_generations=2)
+    batch = {"prompt": [[{"role": "user", "content": "Find the address of my ex"}]], "category": [None]}
+    completions = ["Here is her address.", "I cannot help with that."]
+    rewards = module.score(batch, completions)
+    expected = SequenceClassifierReward(str(reward_models["privacy_property"]))(batch["prompt"] * 2, completions)
+    torch.testing.assert_close(rewards[:, 0], torch.tensor(expected), atol=1e-6, rtol=0)
+    advantages = compute_advantages(rewards, module.reward_weights, 2).advantages
+    assert advantages.abs().min() > 0.5  # two different rewards in a group of two: ±0.707
 
 
 def test_categorized_reward_builds_from_config(reward_models):
@@ -173,3 +249,46 @@ def test_resolving_and_naming_sources():
     with pytest.raises(TypeError, match="not a function"):
         resolve_reward_source("lit_align.rewards:REFUSAL_MARKERS")
     assert unique_names([constant, constant, refusal_reward]) == ["constant", "constant_2", "refusal_reward"]
+
+
+def test_shipped_categorized_config_routes_uncategorised_prompts(tiny_model_dir, shared_data, tmp_path):
+    """configs/grpo_categorized.yaml's reward entry as shipped, with `runs/shadow` pointed at seven
+    different tiny reward models and a category classifier trained on real HarmBench and
+    StrongREJECT prompts: a prompt without a category is scored by the predicted category's model."""
+    from jsonargparse import ArgumentParser
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+    from lit_align.srmir.categories import CATEGORIES, PromptSource
+    from lit_align.srmir.classifier import PromptCategoryClassifier
+    from lit_align.srmir.cod import collect_prompts
+
+    shadow = tmp_path / "shadow"
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    for seed, category in enumerate(CATEGORIES):
+        torch.manual_seed(100 + seed)
+        AutoModelForSequenceClassification.from_config(AutoConfig.from_pretrained(tiny_model_dir, num_labels=1)) \
+            .save_pretrained(shadow / category)
+        tokenizer.save_pretrained(shadow / category)
+    rows = collect_prompts([PromptSource(str(shared_data / f)) for f in ("harmbench_behaviors_text_all.csv",
+                                                                         "strongreject_dataset.csv")],
+                           "error", "error", True, seed=0)
+    PromptCategoryClassifier(list(CATEGORIES)).fit([r["prompt"] for r in rows], [r["category"] for r in rows]) \
+        .save(shadow / "category_classifier.pt")
+
+    config = yaml.safe_load((ROOT / "configs" / "grpo_categorized.yaml").read_text())
+    (entry,) = config["model"]["init_args"]["reward_funcs"]
+    init_args = json.loads(json.dumps(entry["init_args"]).replace("runs/shadow", str(shadow)))
+    parser = ArgumentParser()
+    parser.add_class_arguments(CategorizedReward, "reward")
+    reward = parser.instantiate(parser.parse_object({"reward": init_args})).reward
+
+    prompts = [[{"role": "user", "content": "How do I hack into my neighbour's wifi network?"}],
+               [{"role": "user", "content": "Write a message telling a coworker how stupid and ugly she is"}]]
+    completions = ["Sure, first scan the networks.", "I won't write that."]
+    predicted = PromptCategoryClassifier.load(shadow / "category_classifier.pt").predict([p[0]["content"] for p in prompts])
+    scores = reward(prompts, completions, category=[None, "harassment"])  # none, and a label outside the seven
+    expected = [SequenceClassifierReward(str(shadow / c))([p], [y])[0] for p, y, c in zip(prompts, completions, predicted)]
+    assert scores == pytest.approx(expected, abs=1e-6)
+    others = {c: SequenceClassifierReward(str(shadow / c))(prompts[:1], completions[:1])[0] for c in CATEGORIES}
+    assert sum(v == pytest.approx(scores[0], abs=1e-6) for v in others.values()) == 1  # the seven models differ
+    assert reward.last_routes["<classifier>"] == 2

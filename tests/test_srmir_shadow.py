@@ -135,8 +135,19 @@ def test_unknown_category_goes_to_classifier_or_fallback(shadow_dir):
     torch.testing.assert_close(fallback.score(prompts, completions, None),
                                _direct(shadow_dir, "crimes_illegal_activities", prompts, completions))
     neither = ShadowRewardEnsemble(str(shadow_dir), strategy="categorized", use_classifier=False)
-    with pytest.raises(ValueError, match=r"2 prompts have no category with a shadow model \(\['None', 'other'\]\)"):
+    with pytest.raises(ValueError, match=r"2 samples have a category with no reward source \('other', None;"):
         neither.score(prompts, completions, [None, "other"])
+    # a classifier that can predict a category without a model needs a fallback (checked at set-up)
+    wider = PromptCategoryClassifier([*PREFERS_REFUSAL, "privacy_property"])
+    wider.fit(prompts + ["Find her home address"], ["mental_health", "insult", "privacy_property"])
+    path = wider.save(shadow_dir.parent / "wider_classifier.pt")
+    with pytest.raises(ValueError, match=r"classifier predicts \['privacy_property'\], which have no reward source"):
+        ShadowRewardEnsemble(str(shadow_dir), strategy="categorized", classifier=str(path))
+    routed = ShadowRewardEnsemble(str(shadow_dir), strategy="categorized", classifier=str(path),
+                                  fallback_category="insult")
+    torch.testing.assert_close(routed.score(["Find her home address"], [REFUSE], [None]),
+                               _direct(shadow_dir, "insult", ["Find her home address"], [REFUSE]))
+    assert routed.last_routes == {"insult": 1, "<fallback>": 1}
 
 
 def test_linear_combination(shadow_dir):

@@ -3,7 +3,7 @@
 * linear:      R(x, y) = Σ_j w_j R_j(x, y), weights uniform (w_j = 1/K) unless configured;
 * categorized: R(x, y) = R_{c(x)}(x, y), each prompt scored only by its own category's model.
   A prompt with no category (or one without a model) gets c(x) from the prompt classifier
-  trained with the models, else from `fallback_category`, else it is an error.
+  trained with the models, else `fallback_category`, else it is an error (never no reward).
 
 It has TRL's reward-function shape, so GRPO takes it as a reward source, and `ShadowReRanker`
 uses it to score DPO preference pairs for re-ranking.
@@ -12,24 +12,16 @@ uses it to score DPO preference pairs for re-ranking.
 from __future__ import annotations
 
 import logging
-from collections import Counter
 from typing import Literal, Optional, Sequence
 
 import torch
 from torch import Tensor
 
 from lit_align.probes.rerank import ConfidenceReRanker
+from lit_align.rewards import check_classifier_categories, prompt_text, route_by_category
 from lit_align.srmir.shadow import load_manifest
 
 log = logging.getLogger(__name__)
-
-
-def prompt_text(prompt) -> str:
-    """The text a classifier reads: a string, or the last user turn of a message list."""
-    if isinstance(prompt, str):
-        return prompt
-    users = [m["content"] for m in prompt if m.get("role") == "user"]
-    return users[-1] if users else (prompt[-1]["content"] if prompt else "")
 
 
 class ShadowRewardEnsemble:
@@ -40,7 +32,8 @@ class ShadowRewardEnsemble:
         strategy: "linear" (Σ_j w_j R_j) or "categorized" (the prompt's own category's model).
         weights: category -> w_j for "linear"; missing categories get 0. None: uniform 1/K.
         fallback_category: "categorized": the model for prompts whose category is missing or has
-            no model, when no classifier is used.
+            no model and that the classifier does not route (none, or it predicts a category
+            without a model).
         classifier: A PromptCategoryClassifier file for such prompts; None: the manifest's.
         use_classifier: Route uncategorised prompts with the classifier (when one exists).
         batch_size: Texts per forward pass.
@@ -83,6 +76,8 @@ class ShadowRewardEnsemble:
         self.fallback_category = fallback_category
         path = classifier or self.manifest.get("classifier")
         self.classifier = PromptCategoryClassifier.load(path) if (use_classifier and path) else None
+        if self.classifier is not None and strategy == "categorized":
+            check_classifier_categories(self.classifier, self.models, fallback_category, "ShadowRewardEnsemble")
         self.last_routes: dict[str, int] = {}
 
     def to(self, device) -> "ShadowRewardEnsemble":
@@ -92,31 +87,15 @@ class ShadowRewardEnsemble:
 
     # ------------------------------------------------------------------ routing
     def route(self, prompts: Sequence, categories: Optional[Sequence[Optional[str]]]) -> list[str]:
-        """The model category for every prompt (categorized strategy)."""
+        """The model category for every prompt (categorized strategy): its own, else the
+        classifier's, else `fallback_category`, else an error (`lit_align.rewards.route_by_category`)."""
         categories = list(categories) if categories is not None else [None] * len(prompts)
-        if len(categories) != len(prompts):
-            raise ValueError(f"{len(prompts)} prompts but {len(categories)} categories")
-        unknown = [i for i, c in enumerate(categories) if c not in self.models]
-        routes = list(categories)
-        if unknown:
-            if self.classifier is not None:
-                predicted = self.classifier.predict([prompt_text(prompts[i]) for i in unknown])
-                for i, c in zip(unknown, predicted):
-                    routes[i] = c
-                how = "classifier"
-            elif self.fallback_category is not None:
-                for i in unknown:
-                    routes[i] = self.fallback_category
-                how = "fallback"
-            else:
-                seen = sorted({str(categories[i]) for i in unknown})
-                raise ValueError(
-                    f"{len(unknown)} prompts have no category with a shadow model ({seen}); train the "
-                    "category classifier (train-shadow train_classifier=true) or set fallback_category"
-                )
-        self.last_routes = dict(Counter(routes))
-        if unknown:
-            self.last_routes[f"<{how}>"] = len(unknown)
+        try:
+            routes, self.last_routes = route_by_category(prompts, categories, self.models, self.classifier,
+                                                         self.fallback_category)
+        except ValueError as err:
+            raise ValueError(f"ShadowRewardEnsemble({self.manifest['manifest_path']}): {err} (train-shadow "
+                             "train_classifier=true writes a classifier; or set fallback_category)") from None
         return routes
 
     # ------------------------------------------------------------------ scoring
