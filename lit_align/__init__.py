@@ -58,7 +58,7 @@ _EXPORTS: dict[str, str] = {
     "ProbeReward": "lit_align.rewards",
     "refusal_reward": "lit_align.rewards",
     "route_by_category": "lit_align.rewards",
-    "VLLMGenerator": "lit_align.generation",
+    "Generator": "lit_align.generation",
     "evaluate": "lit_align.eval.evaluate",
     "PromptSetConfig": "lit_align.eval.prompts",
     "load_prompt_set": "lit_align.eval.prompts",

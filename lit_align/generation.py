@@ -3,9 +3,9 @@
 `HFGenerator` wraps Hugging Face `generate` (KV cache, left padding, seeded); `LeanGenerator`
 (lit_align.sampling: our own decode loop, the same greedy tokens, less Python per token and one
 prefill per prompt for its n samples) is what GRPO, build-cod, evaluate and rerank-candidates
-use. `VLLMGenerator` (optional, needs `pip install lit_align[vllm]` and a GPU) implements the same two calls:
-`generate_ids(prompt_ids, prompt_mask, sampling, n, seed) -> Completions` for training loops
-and `generate(prompts, ...) -> list[str]` for scripts.
+use. Both implement the same two calls: `generate_ids(prompt_ids, prompt_mask, sampling, n, seed)
+-> Completions` for training loops and `generate(prompts, ...) -> list[str]` for scripts. An
+external generation server plugs in as a `Generator` subclass (docs/grpo.md, "Generation back ends").
 """
 
 from __future__ import annotations
@@ -163,93 +163,3 @@ class HFGenerator(Generator):
         return completions_from_ids(
             self.tokenizer, prompt_ids, prompt_mask, out[:, prompt_ids.shape[1] :], num_return_sequences
         )
-
-
-class VLLMGenerator(Generator):
-    """Sampling with vLLM's offline `LLM` engine, colocated with the trainer on the same GPU.
-
-    UNTESTED: written against vLLM's public `LLM` / `SamplingParams` API, but no GPU was
-    available where lit_align is developed, so this class has never run. `sync_weights`
-    pushes the trained weights into the engine through the model runner's `load_weights`
-    (the hook TRL's colocate mode uses too); it is the part most likely to need adjusting
-    to the installed vLLM version.
-
-    Args:
-        model_name_or_path: The policy's initial weights (an HF directory or hub id).
-        tokenizer: The policy's tokenizer (prompts arrive as its token ids).
-        gpu_memory_utilization: Share of GPU memory vLLM may take (the trainer needs the rest).
-        dtype: vLLM dtype ("auto", "bfloat16", ...).
-        max_model_len: Longest prompt + completion vLLM plans for.
-        llm_kwargs: More keyword arguments for `vllm.LLM`.
-    """
-
-    def __init__(
-        self,
-        model_name_or_path: str,
-        tokenizer,
-        gpu_memory_utilization: float = 0.3,
-        dtype: str = "auto",
-        max_model_len: Optional[int] = None,
-        **llm_kwargs,
-    ):
-        try:
-            from vllm import LLM
-        except ImportError as err:
-            raise ImportError("generation_backend='vllm' needs vLLM: pip install 'lit_align[vllm]'") from err
-        self.tokenizer = tokenizer
-        self.llm = LLM(
-            model=model_name_or_path,
-            gpu_memory_utilization=gpu_memory_utilization,
-            dtype=dtype,
-            max_model_len=max_model_len,
-            **llm_kwargs,
-        )
-
-    @torch.no_grad()
-    def sync_weights(self, model) -> None:
-        """Copy `model`'s weights into the engine (a LoRA policy is merged for the copy)."""
-        peft = hasattr(model, "merge_adapter") and hasattr(model, "peft_config")
-        if peft:
-            model.merge_adapter()
-        try:
-            runner_model = self.llm.llm_engine.model_executor.driver_worker.model_runner.model
-            for name, param in model.state_dict().items():
-                if peft:
-                    if "lora_" in name or "modules_to_save" in name:
-                        continue
-                    name = name.removeprefix("base_model.model.").replace(".base_layer", "")
-                runner_model.load_weights([(name, param)])
-        finally:
-            if peft:
-                model.unmerge_adapter()
-        self.llm.reset_prefix_cache()
-
-    @torch.no_grad()
-    def generate_ids(
-        self,
-        prompt_ids: torch.Tensor,
-        prompt_mask: torch.Tensor,
-        sampling: SamplingConfig,
-        num_return_sequences: int = 1,
-        generator_seed: Optional[int] = None,
-    ) -> Completions:
-        from vllm import SamplingParams
-
-        params = SamplingParams(
-            n=num_return_sequences,
-            temperature=sampling.temperature,
-            top_p=sampling.top_p,
-            top_k=sampling.top_k if sampling.top_k > 0 else -1,
-            repetition_penalty=sampling.repetition_penalty,
-            max_tokens=sampling.max_new_tokens,
-            seed=generator_seed,
-        )
-        requests = [{"prompt_token_ids": ids[m.bool()].tolist()} for ids, m in zip(prompt_ids, prompt_mask)]
-        outputs = self.llm.generate(requests, sampling_params=params, use_tqdm=False)
-        rows = [list(o.token_ids) for request in outputs for o in request.outputs]  # prompt-major
-        width = max(1, max(len(r) for r in rows))
-        completion_ids = torch.full((len(rows), width), self.tokenizer.pad_token_id, dtype=torch.long)
-        for i, r in enumerate(rows):
-            completion_ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
-        device = prompt_ids.device
-        return completions_from_ids(self.tokenizer, prompt_ids, prompt_mask, completion_ids.to(device), num_return_sequences)

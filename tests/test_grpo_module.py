@@ -256,14 +256,3 @@ def test_probe_reward_is_bound_to_the_policy(tiny_model_dir, tmp_path):
     rewards = module.score(batch, completions.texts)
     assert rewards.shape == (4, 1) and torch.isfinite(rewards).all() and rewards.std() > 0
 
-
-def test_vllm_backend_without_vllm_says_how_to_install(tiny_model_dir):
-    """The vLLM back end itself is untested here (no GPU); without vLLM it fails clearly."""
-    import importlib.util
-
-    if importlib.util.find_spec("vllm") is not None:
-        pytest.skip("vLLM is installed; this checks the message shown when it is not")
-    from lit_align.generation import VLLMGenerator
-
-    with pytest.raises(ImportError, match=r"pip install 'lit_align\[vllm\]'"):
-        VLLMGenerator(str(tiny_model_dir), tokenizer=None)
