@@ -3,7 +3,10 @@ hidden states, and a co-trained probe whose state resumes from the checkpoint.""
 
 from __future__ import annotations
 
+import copy
+
 import lightning as L
+import pytest
 import torch
 
 from lit_align.data.datamodule import AlignDataModule
@@ -64,12 +67,13 @@ def setup(tiny_model_dir, shared_data, probe_path, action="flip"):
     return module, data
 
 
-def trainer(tmp_path, max_steps, callbacks):
-    return L.Trainer(
+def trainer(tmp_path, max_steps, callbacks, **kw):
+    args = dict(
         accelerator="cpu", max_steps=max_steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
         enable_model_summary=False, default_root_dir=str(tmp_path), limit_val_batches=0, num_sanity_val_steps=0,
         callbacks=callbacks,
     )
+    return L.Trainer(**{**args, **kw})
 
 
 def test_dpo_rerank_one_forward_scores_from_own_hidden_states_and_resume(tiny_model_dir, shared_data, tmp_path):
@@ -148,3 +152,90 @@ def test_dpo_rerank_config_runs_through_the_cli(tiny_model_dir, shared_data, tmp
     for name in ("rerank/confidence_mean", "rerank/dropped_frac", "rerank/probe_accuracy", "probe/loss", "eval_probe/accuracy"):
         assert any(r.get(name) for r in rows), name
     assert all(0.5 <= float(r["rerank/confidence_mean"]) <= 1.0 for r in train_rows)
+
+
+# ---------------------------------------------------------------------------- the probe's own optimiser
+class ProbeStepRecorder(L.Callback):
+    """The probe before training, its input features in every training forward, and at each
+    optimiser step: the policy's gradient norm and lr (after clipping and scheduling) and the
+    probe optimiser's gradient norm and lr."""
+
+    def __init__(self):
+        self.initial, self.features, self.policy, self.probe = None, [], [], []
+
+    def on_train_start(self, trainer, module):
+        self.initial = copy.deepcopy(module.probe)
+        module.probe.register_forward_hook(lambda _m, inputs, _o: self.features.append(inputs[0].detach().clone()))
+
+        def seen(record):
+            def hook(optimizer, *_):
+                grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+                record.append({"norm": float(torch.nn.utils.get_total_norm(grads)), "lr": optimizer.param_groups[0]["lr"]})
+            return hook
+
+        # after the step: Lightning clips inside the policy's step call (its closure runs the backward)
+        trainer.optimizers[0].register_step_post_hook(seen(self.policy))
+        if module.probe_optimizer is not None:
+            module.probe_optimizer.register_step_post_hook(seen(self.probe))
+
+
+def co_trained(tiny_model_dir, probe_path, **kw):
+    return DPOModule(
+        PolicyConfig(name_or_path=str(tiny_model_dir)), loss_type="conservative", beta=0.1, reference="copy",
+        probe_path=probe_path, co_train_probe=True, probe_lr=1e-2, probe_weight_decay=0.01,
+        optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3), **kw,
+    )
+
+
+def test_probe_update_is_its_own_adam_step_unscheduled_unclipped(tiny_model_dir, shared_data, tmp_path):
+    """Two accumulated batches, policy gradients clipped to 1e-4 and its lr warmed up from 0.1x:
+    the probe's update is exactly torch.optim.Adam(lr 1e-2, weight decay 0.01) on the mean of the
+    two batches' probe losses −log σ(s_c − s_r − 1), from the same features."""
+    from lit_align.losses.probe import pairwise_margin_loss
+    from lit_align.modules.base import WarmupCosineLR
+
+    probe_path = make_probe_file(tmp_path / "probe.safetensors")
+    module = co_trained(tiny_model_dir, probe_path, lr_scheduler=lambda o: WarmupCosineLR(o, warmup_steps=10))
+    data = setup(tiny_model_dir, shared_data, probe_path, action="soft")[1]
+    data.reranker = ConfidenceReRanker("soft", "batch")
+    recorder = ProbeStepRecorder()
+    trainer(tmp_path, 1, [recorder], accumulate_grad_batches=2, gradient_clip_val=1e-4).fit(module, datamodule=data)
+
+    assert len(recorder.features) == 2 and len(recorder.policy) == 1
+    hand = recorder.initial
+    adam = torch.optim.Adam(hand.parameters(), lr=1e-2, weight_decay=0.01)
+    loss = sum(pairwise_margin_loss(*hand(f).chunk(2), 1.0)[0] / 2 for f in recorder.features)
+    loss.backward()
+    probe_grad_norm = float(torch.nn.utils.get_total_norm([p.grad for p in hand.parameters()]))
+    adam.step()
+    for (name, mine), theirs in zip(module.probe.named_parameters(), hand.parameters()):
+        torch.testing.assert_close(mine, theirs, rtol=1e-6, atol=1e-7, msg=name)
+    # the policy was clipped and scheduled; the probe was neither
+    assert recorder.policy[0]["norm"] <= 1e-4 * 1.001 and recorder.policy[0]["lr"] == pytest.approx(1e-4)
+    assert len(recorder.probe) == 1  # one probe step per policy step
+    assert recorder.probe[0]["norm"] == pytest.approx(probe_grad_norm, rel=1e-5) and probe_grad_norm > 1e-2
+    assert recorder.probe[0]["lr"] == 1e-2
+
+
+def test_resume_restores_the_probe_optimizer(tiny_model_dir, shared_data, tmp_path):
+    """3 steps in one run == resuming that run's step-2 checkpoint for step 3: the probe's Adam
+    moments and step count come back from the checkpoint (a fresh Adam takes another third step)."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    probe_path = make_probe_file(tmp_path / "probe.safetensors")
+
+    def run(callbacks, ckpt=None):
+        module, data = co_trained(tiny_model_dir, probe_path), setup(tiny_model_dir, shared_data, probe_path)[1]
+        trainer(tmp_path, 3, callbacks, enable_checkpointing=True).fit(module, datamodule=data, ckpt_path=ckpt)
+        return module
+
+    every_step = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=1, save_top_k=-1, filename="{step}")
+    straight = run([every_step])
+    ckpt = tmp_path / "ckpt" / "step=2.ckpt"
+    saved = torch.load(ckpt, weights_only=True)["lit_align_side_optimizers"]["probe"]
+    assert all(int(s["step"]) == 2 for s in saved["state"].values())
+    assert saved["param_groups"][0]["lr"] == 1e-2 and saved["param_groups"][0]["weight_decay"] == 0.01
+    resumed = run([ModelCheckpoint(dirpath=tmp_path / "ckpt2")], str(ckpt))
+    assert all(int(s["step"]) == 3 for s in resumed.probe_optimizer.state_dict()["state"].values())
+    for (name, a), b in zip(straight.probe.named_parameters(), resumed.probe.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=lambda m: f"{name}: {m}")
