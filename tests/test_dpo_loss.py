@@ -67,10 +67,9 @@ def batch_and_model(tiny_model_dir, shared_data):
     "loss_type,label_smoothing,sft_weight",
     [("sigmoid", 0.0, 0.0), ("ipo", 0.0, 0.0), ("hinge", 0.0, 0.0), ("robust", 0.2, 0.0), ("sigmoid", 0.0, 0.7)],
 )
-def test_matches_trl_dpo_trainer(batch_and_model, tiny_model_dir, loss_type, label_smoothing, sft_weight, tmp_path):
+def test_matches_trl_dpo_trainer(batch_and_model, tiny_model_dir, loss_type, label_smoothing, sft_weight, tmp_path, trl):
     """Our loss on our log-probs equals TRL's `_compute_loss` on the same tokens and reference
     (with `sft_weight`, TRL's `loss_type=[loss, "sft"]`, `loss_weights=[1, sft_weight]`)."""
-    trl = pytest.importorskip("trl")
     from datasets import Dataset
 
     batch, policy, tokenizer = batch_and_model

@@ -98,8 +98,7 @@ def _zero_reward(prompts, completions, **kwargs):
 
 
 @pytest.fixture(scope="module")
-def trl_trainer(tiny_model_dir, tmp_path_factory):
-    trl = pytest.importorskip("trl")
+def trl_trainer(tiny_model_dir, tmp_path_factory, trl):
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -37,7 +37,7 @@ def test_gradient_flows_and_points_the_right_way():
 
 
 @pytest.mark.parametrize("center", [None, 0.01])
-def test_parity_with_trl_reward_trainer(tiny_model_dir, tmp_path, center):
+def test_parity_with_trl_reward_trainer(tiny_model_dir, tmp_path, center, trl):
     from datasets import Dataset
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
     from trl import RewardConfig, RewardTrainer
