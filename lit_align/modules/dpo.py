@@ -108,7 +108,7 @@ class DPOModule(AlignModule):
         unused = [f"model.{k}" for k, v in probe_settings.items() if v is not None]
         if unused and not co_train_probe:
             raise ValueError(
-                f"{', '.join(unused)} only apply to a co-trained probe, but model.co_train_probe is false: "
+                f"{', '.join(unused)} set, but model.co_train_probe is false, so the probe is not trained: "
                 f"set model.co_train_probe: true or remove {', '.join(unused)}"
             )
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
