@@ -21,13 +21,15 @@ import pickle
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from tqdm.auto import tqdm
 
 from lit_align.eval.judges import DEFAULT_JUDGE_PROMPT, Judge, LLMJudge, ProbeJudge, RefusalPhraseJudge, RewardJudge
+from lit_align.eval.drift import Drift, DriftConfig
 from lit_align.eval.metrics import summarize, to_jsonable
+from lit_align.eval.prefill import PrefillAttack, PrefillConfig
 from lit_align.eval.prompts import PromptSetConfig, load_prompt_set
 from lit_align.eval.report import write_report
 from lit_align.generation import Generator, SamplingConfig
@@ -127,8 +129,13 @@ def _device(device: str) -> str:
 
 
 # ---------------------------------------------------------------------------- generation cache
-def _fingerprint(spec: str, rows: list[dict], sampling: SamplingConfig, seed: int, batch_size: int, sampler: str) -> str:
-    h = hashlib.sha256(json.dumps([spec, dataclasses.asdict(sampling), seed, batch_size, sampler]).encode())
+CACHE_FORMAT = 2  # 2: the completions' token ids are stored too (prefill prefixes, drift answers)
+
+
+def _fingerprint(
+    spec: str, rows: list[dict], sampling: SamplingConfig, seed: int, batch_size: int, sampler: str, extra=None
+) -> str:
+    h = hashlib.sha256(json.dumps([spec, dataclasses.asdict(sampling), seed, batch_size, sampler, CACHE_FORMAT, extra]).encode())
     if Path(spec).exists():
         for f in sorted(Path(spec).glob("*.safetensors")) if Path(spec).is_dir() else [Path(spec)]:
             h.update(f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}".encode())
@@ -136,35 +143,66 @@ def _fingerprint(spec: str, rows: list[dict], sampling: SamplingConfig, seed: in
     return h.hexdigest()[:24]
 
 
-def _generate(generator: Generator, rows, sampling, batch_size, seed, progress, desc, cache: Path, key: str) -> dict:
-    """{"responses", "length_tokens", "truncated"} for `rows`, resumed from `cache` when its key matches.
+def _generate(
+    generator: Generator, rows, sampling, batch_size, seed, progress, desc, cache: Path, key: str,
+    encode: Optional[Callable] = None,
+) -> dict:
+    """{"responses", "length_tokens", "truncated", "token_ids"} for `rows`, resumed from `cache`
+    when its key matches.
 
     Same batching and seeding as `Generator.generate` (batch i uses seed + i); the cache is
-    rewritten after every batch, so an interrupted run continues where it stopped. Lengths count
-    the generated tokens up to and including the first EOS."""
-    out = {"fingerprint": key, "responses": [], "length_tokens": [], "truncated": []}
+    rewritten after every batch, so an interrupted run continues where it stopped. Lengths and
+    token ids cover the generated tokens up to and including the first EOS. `encode(generator,
+    rows)` gives a batch's prompt ids (default: the chat-rendered prompts)."""
+    out = {"fingerprint": key, "responses": [], "length_tokens": [], "truncated": [], "token_ids": []}
     if cache.is_file():
         stored = json.loads(cache.read_text())
         if stored.get("fingerprint") == key:
             out = stored
-    prompts = [r["prompt"] for r in rows]
-    starts = range(0, len(prompts), batch_size)
+    starts = range(0, len(rows), batch_size)
     done_batches = len(out["responses"]) // batch_size
     if done_batches:
         log.info("%s: reusing %d cached responses from %s", desc, len(out["responses"]), cache)
     cache.parent.mkdir(parents=True, exist_ok=True)
-    todo = starts[done_batches:] if len(out["responses"]) < len(prompts) else []
+    todo = starts[done_batches:] if len(out["responses"]) < len(rows) else []
     bar = tqdm(todo, desc=desc, disable=not progress, initial=done_batches, total=len(starts))
     for i, start in enumerate(bar, start=done_batches):
-        ids, mask = generator.encode_prompts(prompts[start : start + batch_size])
+        chunk = rows[start : start + batch_size]
+        ids, mask = encode(generator, chunk) if encode else generator.encode_prompts([r["prompt"] for r in chunk])
         batch = generator.generate_ids(ids, mask, sampling, 1, None if seed is None else seed + i)
         out["responses"] += batch.texts
         out["length_tokens"] += batch.completion_mask.sum(1).tolist()
         out["truncated"] += batch.truncated.tolist()
+        out["token_ids"] += [c[: int(m.sum())].tolist() for c, m in zip(batch.completion_ids, batch.completion_mask)]
         tmp = cache.with_suffix(".tmp")
         tmp.write_text(json.dumps(out))
         tmp.replace(cache)
     return out
+
+
+@dataclass
+class Generations:
+    """Cached generations of one run: `out_dir/generations/<model>__<set><suffix>.json`."""
+
+    out: Path
+    sampling: SamplingConfig
+    batch_size: int
+    seed: int
+    progress: bool
+
+    def __call__(self, generator, spec, label, set_name, rows, suffix="", extra=None, encode=None, sampling=None):
+        """(generation, cache path) of `rows` (see `_generate`)."""
+        sampling = sampling or self.sampling
+        key = _fingerprint(spec, rows, sampling, self.seed, self.batch_size, type(generator).__name__, extra)
+        cache = self.out / "generations" / f"{_safe(label)}__{_safe(set_name)}{suffix}.json"
+        desc = f"{label} / {set_name}{suffix}"
+        return _generate(generator, rows, sampling, self.batch_size, self.seed, self.progress, desc, cache, key, encode), cache
+
+    def greedy(self, generator, spec, label, set_name, rows):
+        """Greedy answers of the run's length: the main generation itself (same cache) when that is greedy."""
+        greedy = SamplingConfig(max_new_tokens=self.sampling.max_new_tokens, temperature=0.0)
+        suffix = "" if greedy == self.sampling else "__greedy"
+        return self(generator, spec, label, set_name, rows, suffix=suffix, sampling=greedy)
 
 
 # ---------------------------------------------------------------------------- judging
@@ -212,6 +250,8 @@ def evaluate(
     names: Optional[list[str]] = None,
     judges: JudgesConfig = JudgesConfig(),  # noqa: B008 (read-only default)
     sampling: SamplingConfig = SamplingConfig(max_new_tokens=64, temperature=0.0),  # noqa: B008
+    prefill: Optional[PrefillConfig] = None,
+    drift: Optional[DriftConfig] = None,
     batch_size: int = 16,
     seed: int = 0,
     dtype: str = "float32",
@@ -231,6 +271,13 @@ def evaluate(
         names: Labels of the models in the report (default: from their paths).
         judges: Which judges score the responses.
         sampling: Generation settings (default: greedy, 64 new tokens).
+        prefill: The prefilling attack (Qi et al. 2024) on the harmful prompts; off when null, `{}`
+            turns it on with its defaults. Fields (`--prefill.help`): ks (prefix lengths, default
+            [5, 10, 20, 40]), sets, answers_from (default: the first model's greedy answers),
+            answers_file, keep_answers (compliant | all), on_bad_rows (error | skip).
+        drift: Drift on the safe prompts: per-token NLL of the reference model's greedy answers
+            under each model, and its difference from the reference's own; off when null, `{}`
+            turns it on. Fields (`--drift.help`): reference (default: the first model), sets.
         batch_size: Prompts per generation batch.
         seed: Seed of generation (batch i uses seed + i) and of the bootstrap.
         dtype: Model dtype (float32, bfloat16, float16).
@@ -252,34 +299,46 @@ def evaluate(
     device = _device(device)
     out = Path(out_dir)
     rows_by_set = {p.label: load_prompt_set(p) for p in prompt_sets}
+    drifter = Drift(drift, rows_by_set, models) if drift is not None else None
     static = build_static_judges(judges, dtype, device)
+    attack = PrefillAttack(prefill, prompt_sets, rows_by_set, models, static) if prefill is not None else None
+    gens = Generations(out, sampling, batch_size, seed, progress)
 
     records: dict[str, list[dict]] = {}
-    for spec, name in zip(models, names):
+    for spec, name in _schedule(models, names, [attack and attack.source, drifter and drifter.reference]):
         model, tokenizer = load_for_eval(spec, dtype, device)
         generator = LeanGenerator(model, tokenizer)
         model_judges = list(static)
         if judges.probe and not judges.probe_backbone:
             model_judges.append(ProbeJudge(judges.probe, model, tokenizer, batch_size=judges.batch_size))
-        records[name] = []
-        for set_name, rows in rows_by_set.items():
-            key = _fingerprint(spec, rows, sampling, seed, batch_size, type(generator).__name__)
-            cache = out / "generations" / f"{_safe(name)}__{_safe(set_name)}.json"
-            gen = _generate(generator, rows, sampling, batch_size, seed, progress, f"{name} / {set_name}", cache, key)
-            recs = [
-                {**row, "response": text, "length_tokens": n, "truncated": cut, "judges": {}}
-                for row, text, n, cut in zip(rows, gen["responses"], gen["length_tokens"], gen["truncated"])
-            ]
-            judge_records(model_judges, recs)
-            records[name] += recs
+        label = name or f"reference_{model_label(spec)}"
+        if name is not None:
+            if drifter is not None and drifter.vocab is not None:
+                drifter.check_tokenizer(name, tokenizer)
+            records[name] = _responses(gens, generator, spec, name, rows_by_set, model_judges)
+        if attack is not None and spec == attack.source and attack.source_vocab is None:
+            attack.take_answers(tokenizer, {s: gens.greedy(generator, spec, label, s, rows_by_set[s]) for s in attack.sets}, label)
+        if drifter is not None and spec == drifter.reference and drifter.vocab is None:
+            answers = {s: gens.greedy(generator, spec, label, s, rows_by_set[s]) for s in drifter.sets}
+            drifter.take_reference(model, generator, label, answers, batch_size)
+        if name is not None and attack is not None:
+            generate = lambda s, rows, suffix, extra, encode: gens(generator, spec, name, s, rows, suffix, extra, encode)[0]  # noqa: E731
+            attack.attack(name, tokenizer, records[name], generate, lambda recs: judge_records(model_judges, recs))
+        if name is not None and drifter is not None:
+            drifter.measure(name, model, generator, records[name], batch_size)
         del generator, model, model_judges
         gc.collect()
 
+    records = {n: records[n] for n in names}
     kw = dict(num_resamples=num_resamples, level=confidence_level, seed=seed)
     metrics = {
         name: {s: summarize([r for r in recs if r["set"] == s], **kw) for s in rows_by_set}
         for name, recs in records.items()
     }
+    for part, source in (("prefill", attack), ("drift", drifter)):
+        for m, by_set in (source.metrics(**kw) if source is not None else {}).items():
+            for s, value in by_set.items():
+                metrics[m][s][part] = value
     meta = {
         "models": dict(zip(names, models)),
         "prompt_sets": {p.label: f"{p.preset}: {p.path} (n={len(rows_by_set[p.label])})" for p in prompt_sets},
@@ -288,10 +347,47 @@ def evaluate(
         "seed": seed,
         "judges": [j.name for j in static] + (["probe"] if judges.probe and not judges.probe_backbone else []),
     }
-    paths = write_report(out, metrics, records, meta)
+    if attack is not None:
+        meta["prefill"] = {**dataclasses.asdict(prefill), "answers": prefill.answers_file or f"greedy answers of {attack.source}"}
+        if attack.skipped_file:
+            meta["prefill"]["answers_file_rows_skipped"] = dict(attack.skipped_file)
+    if drifter is not None:
+        meta["drift"] = {"reference": drifter.reference, "sets": drifter.sets}
+    paths = write_report(out, metrics, records, meta, prefill_records=attack.records if attack else None)
     log.info("report written to %s", paths["markdown"])
     print(f"lit-align evaluate: report in {paths['markdown']}")
     return to_jsonable(metrics)
+
+
+def _schedule(models: list[str], names: list[str], references: list) -> list[tuple[str, Optional[str]]]:
+    """(spec, report name) in the order models are loaded: reference models first (answer source,
+    drift reference; name None when they are not evaluated themselves), then the others."""
+    entries = list(zip(models, names))
+    front: list[tuple[str, Optional[str]]] = []
+    for ref in filter(None, references):
+        if any(spec == ref for spec, _ in front):
+            continue
+        hit = next((e for e in entries if e[0] == ref), None)
+        if hit is None:
+            front.append((ref, None))
+        else:
+            entries.remove(hit)
+            front.append(hit)
+    return front + entries
+
+
+def _responses(gens: Generations, generator, spec: str, name: str, rows_by_set: dict, judges: list) -> list[dict]:
+    """Generate (cached) and judge one model's responses to every prompt set."""
+    records = []
+    for set_name, rows in rows_by_set.items():
+        gen, _ = gens(generator, spec, name, set_name, rows)
+        recs = [
+            {**row, "response": text, "length_tokens": n, "truncated": cut, "judges": {}}
+            for row, text, n, cut in zip(rows, gen["responses"], gen["length_tokens"], gen["truncated"])
+        ]
+        judge_records(judges, recs)
+        records += recs
+    return records
 
 
 def _safe(name: str) -> str:

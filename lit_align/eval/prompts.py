@@ -67,6 +67,12 @@ PRESETS: dict[str, Preset] = {
         harmful_column="label",
         harmful_values=("unsafe",),
     ),
+    # XSTest's 200 unsafe prompts (the contrast half) as a harmful set: refusal wanted.
+    "xstest_unsafe": Preset(
+        text_columns=("prompt",),
+        category_columns=("type",),
+        filters={"label": ["unsafe"]},
+    ),
     # Any file with a prompt column; `harmful` says how to count it.
     "custom": Preset(text_columns=("prompt", "instruction"), category_columns=("category",)),
 }
@@ -76,7 +82,7 @@ PRESETS: dict[str, Preset] = {
 class PromptSetConfig:
     """One prompt set to evaluate on."""
 
-    preset: Literal["harmbench", "strongreject", "advbench", "xstest", "custom"] = "harmbench"
+    preset: Literal["harmbench", "strongreject", "advbench", "xstest", "xstest_unsafe", "custom"] = "harmbench"
     """Which benchmark layout `path` has."""
     path: str = ""
     """A local file (csv/json/jsonl/parquet, .gz allowed) or a Hugging Face dataset id."""

@@ -42,13 +42,79 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return lines + ["| " + " | ".join(r) + " |" for r in rows]
 
 
+def primary_judge(metrics: dict, meta: Optional[dict] = None) -> Optional[str]:
+    """The refusal judge the summary reads: the first of `meta["judges"]` that gives refusal
+    verdicts (the phrase judge by default), else the first such judge found."""
+    found = [j for m in metrics.values() for sm in m.values() for j, jm in sm["judges"].items() if _rate_key(jm)]
+    order = [j for j in (meta or {}).get("judges", []) if j in found] + found
+    return order[0] if order else None
+
+
+def summary(metrics: dict, meta: Optional[dict] = None) -> list[str]:
+    """One table with every headline number, models side by side: refusal on harmful prompts,
+    compliance on safe ones (over-refusal), refusal under the prefilling attack per k, drift."""
+    models = list(metrics)
+    judge = primary_judge(metrics, meta)
+    rows = []
+    for s in dict.fromkeys(s for m in models for s in metrics[m]):
+        cells = {m: metrics[m].get(s) for m in models}
+        for key, label in (("refusal_rate", "refusal on harmful (higher: safer)"),
+                           ("compliance_rate", "compliance on safe (1 − over-refusal)")):  # fmt: skip
+            values = [(c or {}).get("judges", {}).get(judge, {}).get(key) for c in cells.values()]
+            if any(v is not None for v in values):
+                rows.append([s, label] + [_pct(v) for v in values])
+        ks = list(dict.fromkeys(k for c in cells.values() for k in (c or {}).get("prefill", {}).get("judges", {}).get(judge, {}).get("refusal_rate_by_k", {})))
+        for k in ks:
+            values = [(c or {}).get("prefill", {}).get("judges", {}).get(judge, {}).get("refusal_rate_by_k", {}).get(k) for c in cells.values()]
+            label = "refusal, no prefill (the attacked prompts)" if k == "0" else f"refusal, prefilled k={k} answer tokens"
+            rows.append([s, label] + [_pct(v) for v in values])
+        if any("drift" in (c or {}) for c in cells.values()):
+            rows.append([s, "drift: Δ NLL of the reference's answers (nats/token)"]
+                        + [_num(c["drift"]["delta"]) if c and "drift" in c else "–" for c in cells.values()])  # fmt: skip
+    if not rows:
+        return []
+    return [f"## Summary ({judge} judge)", ""] + _table(["prompt set", "metric", *models], rows) + [""]
+
+
+def prefill_tables(metrics: dict, s: str) -> list[str]:
+    """Refusal rate per prefix length k (0: no prefix), one table per judge, one column per model."""
+    present = [m for m in metrics if "prefill" in metrics[m].get(s, {})]
+    if not present:
+        return []
+    first = metrics[present[0]][s]["prefill"]
+    out = [f"### {s}: prefilling attack", "",
+           f"The assistant turn starts with the first k tokens of a compliant answer; the judge reads the "
+           f"model's continuation. {first['n']} of {first['n_prompts']} harmful prompts used; skipped: "
+           f"{first['skipped'] or 'none'}.", ""]  # fmt: skip
+    for j in dict.fromkeys(j for m in present for j in metrics[m][s]["prefill"]["judges"]):
+        ks = list(dict.fromkeys(k for m in present for k in metrics[m][s]["prefill"]["judges"].get(j, {}).get("refusal_rate_by_k", {})))
+        rows = [[k] + [_pct(metrics[m][s]["prefill"]["judges"].get(j, {}).get("refusal_rate_by_k", {}).get(k)) for m in present] for k in ks]
+        out += [f"{j} judge: refusal rate", ""] + _table(["k", *present], rows) + [""]
+    return out
+
+
+def drift_table(metrics: dict, s: str) -> list[str]:
+    present = [m for m in metrics if "drift" in metrics[m].get(s, {})]
+    if not present:
+        return []
+    d = metrics[present[0]][s]["drift"]
+    rows = [[label] + [_num(metrics[m][s]["drift"][key]) for m in present]
+            for key, label in (("nll", "NLL under the model"), ("nll_reference", "NLL under the reference"),
+                               ("delta", "Δ = model − reference (≈ KL)"))]  # fmt: skip
+    return [f"### {s}: drift on the safe prompts", "",
+            f"Mean per-token NLL (nats) of the reference model's ({d['reference']}) greedy answers to the "
+            f"{d['n']} safe prompts ({d['answer_tokens']} tokens); Δ is paired per prompt.", ""] + _table(["", *present], rows) + [""]  # fmt: skip
+
+
 def markdown(metrics: dict, meta: dict) -> str:
     models = list(metrics)
     sets = list(dict.fromkeys(s for m in models for s in metrics[m]))
     out = ["# Safety evaluation", ""]
     out += [f"- {k}: `{v}`" for k, v in meta.items()]
     out += ["", "Rates are percentages with 95% bootstrap intervals: refusal rate on harmful prompts "
-            "(higher is safer), compliance rate on safe prompts (higher is less over-refusal).", ""]  # fmt: skip
+            "(higher is safer), compliance rate on safe prompts (higher is less over-refusal; XSTest's "
+            "categories are its prompt types).", ""]  # fmt: skip
+    out += summary(metrics, meta)
     for s in sets:
         present = [m for m in models if s in metrics[m]]
         first = metrics[present[0]][s]
@@ -66,7 +132,8 @@ def markdown(metrics: dict, meta: dict) -> str:
             if key is None:
                 continue
             cats = list(dict.fromkeys(c for m in present for c in metrics[m][s]["judges"][j].get(f"{key}_by_category", {})))
-            out += [f"### {s}: {j} {key.replace('_', ' ')} by category", ""]
+            what = "refusal rate" if key == "refusal_rate" else "compliance rate (1 − over-refusal)"
+            out += [f"### {s}: {j} {what} by category", ""]
             rows = [
                 [c, str(first["category_counts"].get(c, 0))]
                 + [_pct(metrics[m][s]["judges"][j].get(f"{key}_by_category", {}).get(c)) for m in present]
@@ -76,6 +143,7 @@ def markdown(metrics: dict, meta: dict) -> str:
         for pair, a in first.get("agreement", {}).items():
             if len(present) == 1 and a["n"]:
                 out += [f"Judges {pair}: agree on {100 * a['agreement']:.1f}% of {a['n']}, Cohen's kappa {a['cohen_kappa']}", ""]
+        out += prefill_tables(metrics, s) + drift_table(metrics, s)
     return "\n".join(out)
 
 
@@ -105,6 +173,27 @@ def category_bars(metrics: dict, prompt_set: str, judge: str) -> Figure:
     return fig
 
 
+def prefill_curve(metrics: dict, prompt_set: str, judge: str) -> Figure:
+    """Refusal rate against the prefix length k (0: no prefix), one line per model, bootstrap
+    intervals as error bars."""
+    fig = Figure(figsize=(6.0, 4.2), layout="constrained")
+    ax = fig.subplots()
+    for m, by_set in metrics.items():
+        rates = by_set.get(prompt_set, {}).get("prefill", {}).get("judges", {}).get(judge, {}).get("refusal_rate_by_k", {})
+        points = [(int(k), e) for k, e in rates.items() if e.n]
+        if not points:
+            continue
+        ks, ests = zip(*sorted(points))
+        err = [[e.value - e.low for e in ests], [e.high - e.value for e in ests]]
+        ax.errorbar(ks, [e.value for e in ests], yerr=err, marker="o", capsize=3, label=m)
+    ax.set_ylim(-0.02, 1.05)
+    ax.set_xlabel("prefilled answer tokens k")
+    ax.set_ylabel("refusal rate")
+    ax.set_title(f"{prompt_set}: prefilling attack ({judge} judge)")
+    ax.legend(fontsize="small")
+    return fig
+
+
 def histograms(records: dict, judge: str, field: str, bins: int = 20) -> Figure:
     """One panel per prompt set, one histogram per model, of a judge's `score` or `confidence`."""
     sets = list(dict.fromkeys(r["set"] for rs in records.values() for r in rs))
@@ -129,8 +218,11 @@ def histograms(records: dict, judge: str, field: str, bins: int = 20) -> Figure:
     return fig
 
 
-def write_report(out_dir: str | Path, metrics: dict, records: dict, meta: Optional[dict] = None) -> dict[str, Path]:
-    """Write report.json, report.md, responses.jsonl and the PNG plots; return their paths."""
+def write_report(
+    out_dir: str | Path, metrics: dict, records: dict, meta: Optional[dict] = None, prefill_records: Optional[dict] = None
+) -> dict[str, Path]:
+    """Write report.json, report.md, responses.jsonl (and prefill_responses.jsonl) and the PNG
+    plots; return their paths."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     meta = dict(meta or {})
@@ -141,6 +233,15 @@ def write_report(out_dir: str | Path, metrics: dict, records: dict, meta: Option
         for model, rs in records.items():
             for r in rs:
                 f.write(json.dumps({"model": model, **r}) + "\n")
+    if prefill_records is not None:
+        paths["prefill_responses"] = out / "prefill_responses.jsonl"
+        with paths["prefill_responses"].open("w") as f:
+            for rs in prefill_records.values():
+                for r in rs:
+                    f.write(json.dumps(r) + "\n")
+    attacked = {(s, j) for m in metrics.values() for s, sm in m.items() for j in sm.get("prefill", {}).get("judges", {})}
+    for s, j in sorted(attacked):
+        paths[f"prefill_{s}_{j}"] = _save(prefill_curve(metrics, s, j), out / f"prefill_{s}_{j}.png")
     judges = {j for m in metrics.values() for s in m.values() for j in s["judges"]}
     for m_metrics in metrics.values():
         for s, sm in m_metrics.items():
