@@ -2,7 +2,9 @@
 
 sources -> map onto the seven categories -> de-duplicate -> balance -> for each prompt a CoD
 refusal from the generator LM (chosen) and a policy sample on the bare prompt (rejected) ->
-JSONL, one record per line, appended and flushed as it goes so that a re-run resumes.
+JSONL, one record per line, appended and flushed as it goes so that a re-run resumes. A prompt
+whose CoD never holds a `####` answer is replaced by another prompt of its category, so the
+categories stay balanced while their prompts last.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import random
-from collections import Counter, defaultdict
+from collections import Counter, defaultdict, deque
 from dataclasses import asdict
 from pathlib import Path
 from typing import Literal, Optional
@@ -93,9 +95,11 @@ def collect_prompts(
 
 def balance(
     rows: list[dict], categories: list[str], mode: Literal["down", "up", "none"], per_category: Optional[int], seed: int
-) -> tuple[list[dict], dict[str, dict]]:
+) -> tuple[list[dict], dict[str, dict], dict[str, list[dict]]]:
     """Equal counts per category. Returns the plan (categories interleaved, so a partial run is
-    still balanced) and per-category stats {available, selected, upsampled}."""
+    still balanced), per-category stats {available, selected, upsampled} and each category's
+    reserve: the prompts that replace planned ones whose CoD fails (the rest of the shuffled
+    pool; with `up`, then every prompt once more as a new copy)."""
     by_cat: dict[str, list[dict]] = defaultdict(list)
     for r in rows:
         by_cat[r["category"]].append(r)
@@ -115,7 +119,7 @@ def balance(
     if mode == "down" and target is not None and target > min(sizes.values()):
         short = {c: n for c, n in sizes.items() if n < target}
         raise ValueError(f"balance='down' with per_category={target}, but {short} have fewer prompts; use balance='up'")
-    stats, picked = {}, {}
+    stats, picked, reserve = {}, {}, {}
     for c in categories:
         # one seeded shuffle per category: a larger per_category extends the plan of a smaller
         # one, so a re-run with more prompts per category keeps what is already written
@@ -124,13 +128,23 @@ def balance(
         rng.shuffle(pool)
         n = len(pool) if target is None else target
         chosen = pool[:n]
-        extra = [dict(r, id=f"{r['id']}#{k + 1}") for k, r in enumerate(rng.choices(pool, k=max(0, n - len(pool))))]
+        copies = rng.choices(pool, k=max(0, n - len(pool)))
+        if mode == "up":  # drawn with replacement anyway: a failed prompt may be replaced by a copy
+            copies += rng.sample(pool, len(pool))
+        copies = [dict(r, id=f"{r['id']}#{k + 1}") for k, r in enumerate(copies)]
+        extra = copies[: max(0, n - len(pool))]
         picked[c] = chosen + extra
+        reserve[c] = pool[n:] + copies[len(extra):]
         stats[c] = {"available": len(pool), "selected": len(chosen), "upsampled": len(extra)}
         if extra:
             log.info("category %s: up-sampled %d copies to reach %d", c, len(extra), n)
-    plan = [picked[c][i] for i in range(max(map(len, picked.values()))) for c in categories if i < len(picked[c])]
-    return plan, stats
+    plan = interleave([picked[c] for c in categories])
+    return plan, stats, reserve
+
+
+def interleave(lists: list[list]) -> list:
+    """[a0, b0, c0, a1, b1, ...]: one from each list in turn."""
+    return [lst[i] for i in range(max(map(len, lists), default=0)) for lst in lists if i < len(lst)]
 
 
 # ---------------------------------------------------------------------------- output
@@ -159,7 +173,7 @@ def write_counts(output: Path, stats: dict[str, dict]) -> None:
     """`<output>.counts.json` and a Markdown table `<output>.counts.md`."""
     base = output.with_name(output.name.removesuffix(".jsonl"))
     Path(f"{base}.counts.json").write_text(json.dumps(stats, indent=1))
-    cols = ["available", "selected", "upsampled", "written", "dropped"]
+    cols = ["available", "selected", "upsampled", "planned", "dropped", "replaced", "written", "short"]
     lines = ["| category | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for c, s in stats.items():
         lines.append(f"| {c} | " + " | ".join(str(s.get(k, 0)) for k in cols) + " |")
@@ -205,7 +219,10 @@ def build_cod(
         per_category: Target count per category instead of the smallest / largest.
         cod_sampling: Sampling for the CoD refusal (default: 128 new tokens, temperature 0.7).
         rejected_sampling: Sampling for the rejected response (default: 128 tokens, temperature 1).
-        max_retries: Re-sample a CoD without a `####` answer this many times, then drop the prompt.
+        max_retries: Re-sample a CoD without a `####` answer this many times; then the prompt is
+            dropped and replaced by the next prompt of its category (the rest of its shuffled
+            pool; with balance_mode=up, then copies), until the category reaches its count or
+            those run out (the `short` count).
         one_shot: Show the generator one worked CoD example (DEMONSTRATION) before the SPEC prompt.
         batch_size: Prompts generated per batch.
         seed: Seed for selection and sampling.
@@ -213,8 +230,9 @@ def build_cod(
         progress: Show a progress bar.
 
     Returns:
-        Per-category counts {available, selected, upsampled, written, dropped}, also written to
-        `<output>.counts.json` and `<output>.counts.md`.
+        Per-category counts {available, selected, upsampled, planned (before), dropped, replaced,
+        written (after), short}, also logged and written to `<output>.counts.json` and
+        `<output>.counts.md`.
     """
     if not logging.getLogger().handlers:  # run as a command: show the counts and skips
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -223,57 +241,87 @@ def build_cod(
     rows = collect_prompts(sources, unmapped, uncategorized, keyword_rules, seed)
     if categories is None:
         categories = list(CATEGORIES) + ([OTHER] if any(r["category"] == OTHER for r in rows) else [])
-    plan, stats = balance(rows, categories, balance_mode, per_category, seed)
+    plan, stats, reserve = balance(rows, categories, balance_mode, per_category, seed)
     out = Path(output)
     out.parent.mkdir(parents=True, exist_ok=True)
+    order = plan + interleave(list(reserve.values()))  # a row's place: its sampling seed
     done = read_done(out)
-    todo = [r for r in plan if r["id"] not in done]
-    log.info("build-cod: %d planned, %d already written, %d to generate", len(plan), len(plan) - len(todo), len(todo))
-    dropped: Counter = Counter()
+    in_file = Counter(done[r["id"]]["category"] for r in order if r["id"] in done)
+    queues = {c: deque(r for r in order if r["category"] == c and r["id"] not in done) for c in categories}
+    need = {c: max(0, s["selected"] + s["upsampled"] - in_file[c]) for c, s in stats.items()}
+    todo = interleave([[queues[c].popleft() for _ in range(min(need[c], len(queues[c])))] for c in categories])
+    log.info("build-cod: %d planned, %d already written, %d to generate", len(plan), sum(in_file.values()), len(todo))
+    dropped, replaced = Counter(), Counter()
     if todo and limit != 0:
-        tokenizer = load_tokenizer(policy)
-        policy_gen = LeanGenerator(load_causal_lm(policy, with_lora=False).eval(), tokenizer)
-        cod_gen = policy_gen
-        if generator is not None and generator != policy:
-            cod_gen = LeanGenerator(load_causal_lm(generator, with_lora=False).eval(), load_tokenizer(generator))
-        settings = {
-            "generator": (generator or policy).name_or_path,
-            "policy": policy.name_or_path,
-            "cod_sampling": asdict(cod_sampling),
-            "rejected_sampling": asdict(rejected_sampling),
-            "one_shot": one_shot,
-        }
-        written = 0
-        position = {r["id"]: i for i, r in enumerate(plan)}
-        with out.open("a") as f, tqdm(total=len(todo), desc="build-cod", disable=not progress) as bar:
-            for start in range(0, len(todo), batch_size):
-                batch = todo[start : start + batch_size]
-                if limit is not None:
-                    batch = batch[: limit - written]
-                batch_seed = seed + position[batch[0]["id"]]  # tied to the plan, not to the resume point
-                records = generate_batch(batch, cod_gen, policy_gen, cod_sampling, rejected_sampling, max_retries,
-                                         batch_seed, one_shot)
-                for row, rec in zip(batch, records):
-                    if rec is None:
-                        dropped[row["category"]] += 1
-                        continue
-                    rec["generation"] = dict(settings, seed=batch_seed, attempts=rec.pop("attempts"))
-                    f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-                    f.flush()
-                    written += 1
-                bar.update(len(batch))
-                if limit is not None and written >= limit:
-                    break
+        generate_all(todo, queues, order, out, policy, generator, cod_sampling, rejected_sampling, max_retries,
+                     one_shot, batch_size, seed, limit, progress, dropped, replaced)
+    return report_counts(out, stats, order, dropped, replaced, max_retries)
+
+
+def generate_all(
+    todo: list[dict], queues: dict[str, deque], order: list[dict], out: Path, policy: PolicyConfig,
+    generator: Optional[PolicyConfig], cod_sampling: SamplingConfig, rejected_sampling: SamplingConfig,
+    max_retries: int, one_shot: bool, batch_size: int, seed: int, limit: Optional[int], progress: bool,
+    dropped: Counter, replaced: Counter,
+) -> None:
+    """Generate `todo` batch by batch, appending records to `out`; a prompt whose CoD fails is
+    replaced by the next prompt of its category's queue (counted in `dropped` / `replaced`)."""
+    tokenizer = load_tokenizer(policy)
+    policy_gen = LeanGenerator(load_causal_lm(policy, with_lora=False).eval(), tokenizer)
+    cod_gen = policy_gen
+    if generator is not None and generator != policy:
+        cod_gen = LeanGenerator(load_causal_lm(generator, with_lora=False).eval(), load_tokenizer(generator))
+    settings = {
+        "generator": (generator or policy).name_or_path, "policy": policy.name_or_path,
+        "cod_sampling": asdict(cod_sampling), "rejected_sampling": asdict(rejected_sampling), "one_shot": one_shot,
+    }
+    position = {r["id"]: i for i, r in enumerate(order)}
+    pending, written = deque(todo), 0
+    with out.open("a") as f, tqdm(total=len(todo), desc="build-cod", disable=not progress) as bar:
+        while pending and (limit is None or written < limit):
+            size = batch_size if limit is None else min(batch_size, limit - written)
+            batch = [pending.popleft() for _ in range(min(size, len(pending)))]
+            batch_seed = seed + position[batch[0]["id"]]  # tied to the plan, not to the resume point
+            records = generate_batch(batch, cod_gen, policy_gen, cod_sampling, rejected_sampling, max_retries,
+                                     batch_seed, one_shot)
+            for row, rec in zip(batch, records):
+                category = row["category"]
+                if rec is None:
+                    dropped[category] += 1
+                    if queues[category]:  # keep the category at its count while its source lasts
+                        pending.append(queues[category].popleft())
+                        replaced[category] += 1
+                        bar.total += 1
+                    continue
+                rec["generation"] = dict(settings, seed=batch_seed, attempts=rec.pop("attempts"))
+                f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+                f.flush()
+                written += 1
+            bar.update(len(batch))
+
+
+def report_counts(
+    out: Path, stats: dict[str, dict], order: list[dict], dropped: Counter, replaced: Counter, max_retries: int
+) -> dict[str, dict]:
+    """Per-category counts before (planned) and after (written), logged and written next to `out`."""
     if sum(dropped.values()):
-        log.warning("dropped %d prompts whose CoD had no '%s' answer after %d retries: %s",
-                    sum(dropped.values()), SEPARATOR, max_retries, dict(dropped))
-    planned = {r["id"] for r in plan}
-    in_file = Counter(rec["category"] for rec in read_done(out).values() if rec["id"] in planned)
-    outside = len(read_done(out)) - sum(in_file.values())
-    if outside:
-        log.warning("%s holds %d records outside this plan (another per_category or seed); not counted", out, outside)
-    for c in stats:
-        stats[c].update(written=in_file.get(c, 0), dropped=dropped.get(c, 0))
+        log.warning("%d prompts had no '%s' answer after %d retries (%s); %d replaced by another prompt of "
+                    "their category", sum(dropped.values()), SEPARATOR, max_retries, dict(dropped), sum(replaced.values()))
+    known = {r["id"] for r in order}
+    done = read_done(out)
+    in_file = Counter(rec["category"] for rec in done.values() if rec["id"] in known)
+    if len(done) > sum(in_file.values()):
+        log.warning("%s holds %d records outside this plan (another seed or sources); not counted",
+                    out, len(done) - sum(in_file.values()))
+    for c, s in stats.items():
+        planned = s["selected"] + s["upsampled"]
+        s.update(planned=planned, dropped=dropped[c], replaced=replaced[c], written=in_file[c],
+                 short=max(0, planned - in_file[c]))
+        log.info("category %s: planned %d, written %d (dropped %d, replaced %d)", c, planned, in_file[c],
+                 dropped[c], replaced[c])
+    short = {c: s["short"] for c, s in stats.items() if s["short"]}
+    if short:
+        log.warning("categories short of their count (source exhausted, or an interrupted run): %s", short)
     write_counts(out, stats)
     return stats
 
