@@ -62,6 +62,8 @@ _EXPORTS: dict[str, str] = {
     "evaluate": "lit_align.eval.evaluate",
     "PromptSetConfig": "lit_align.eval.prompts",
     "load_prompt_set": "lit_align.eval.prompts",
+    "PrefillConfig": "lit_align.eval.prefill",
+    "DriftConfig": "lit_align.eval.drift",
     "RefusalPhraseJudge": "lit_align.eval.judges",
     "ProbeJudge": "lit_align.eval.judges",
     "RewardJudge": "lit_align.eval.judges",

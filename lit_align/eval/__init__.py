@@ -4,17 +4,21 @@
 (lit_align.eval.judge_accuracy) scores judges against human labels; see docs/evaluation.md.
 """
 
+from lit_align.eval.drift import DriftConfig
 from lit_align.eval.judges import Judge, LLMJudge, ProbeJudge, ProbeRefusalJudge, RefusalPhraseJudge, RewardJudge, Verdicts
 from lit_align.eval.labelled import LabelledFile, load_labelled
 from lit_align.eval.metrics import Estimate, bootstrap_ci, estimate, summarize
+from lit_align.eval.prefill import PrefillConfig
 from lit_align.eval.prompts import PRESETS, PromptSetConfig, load_prompt_set
 
 __all__ = [
     "PRESETS",
+    "DriftConfig",
     "Estimate",
     "Judge",
     "LLMJudge",
     "LabelledFile",
+    "PrefillConfig",
     "ProbeJudge",
     "ProbeRefusalJudge",
     "PromptSetConfig",
