@@ -40,7 +40,7 @@ from lit_align.losses.grpo import (
     nanstd,
     token_logps_and_entropy,
 )
-from lit_align.models import PolicyConfig, export_hf, load_causal_lm, load_tokenizer, resolve_name
+from lit_align.models import PolicyConfig, export_hf, load_causal_lm, load_tokenizer
 from lit_align.modules.base import AlignModule, default_optimizer
 from lit_align.modules.shared_prompt import completion_logits
 from lit_align.rewards import resolve_reward_source, score_completions, unique_names
@@ -111,9 +111,8 @@ class GRPOModule(AlignModule):
         reference: "copy" (a frozen second model) or "lora_base" (adapters disabled); default:
             "lora_base" for a LoRA policy, else "copy". Unused when beta = 0.
         generation_backend: "lean" (`lit_align.sampling`: a prompt prefilled once for its G completions,
-            a tight decode loop), "hf" (transformers `generate`: models without a `DynamicCache`)
-            or "vllm" (untested, needs a GPU).
-        vllm: Keyword arguments for `lit_align.generation.VLLMGenerator`.
+            a tight decode loop) or "hf" (transformers `generate`: models without a `DynamicCache`).
+            Another sampler (a generation server): set `self.generator` in a subclass (docs/grpo.md).
         generation_seed: Sampling seed; step s samples with seed + s (None: unseeded).
         log_completions_every_n_steps: Append sample completions to `completions.csv` in the
             run directory (and TensorBoard text) every n generation batches (0: never).
@@ -148,8 +147,7 @@ class GRPOModule(AlignModule):
         micro_batch_size: Optional[int] = None,
         max_grad_norm: Optional[float] = 1.0,
         reference: Optional[Literal["copy", "lora_base"]] = None,
-        generation_backend: Literal["lean", "hf", "vllm"] = "lean",
-        vllm: Optional[dict] = None,
+        generation_backend: Literal["lean", "hf"] = "lean",
         generation_seed: Optional[int] = 0,
         log_completions_every_n_steps: int = 10,
         num_completions_to_log: int = 8,
@@ -175,8 +173,8 @@ class GRPOModule(AlignModule):
             raise ValueError(f"model.reference={reference!r}: choose one of {REFERENCES}")
         if reference == "lora_base" and policy.lora is None:
             raise ValueError("model.reference='lora_base' needs model.policy.lora (the base is the reference)")
-        if generation_backend not in ("lean", "hf", "vllm"):
-            raise ValueError(f"model.generation_backend={generation_backend!r}: choose 'lean', 'hf' or 'vllm'")
+        if generation_backend not in ("lean", "hf"):
+            raise ValueError(f"model.generation_backend={generation_backend!r}: choose 'lean' or 'hf'")
         # reward_funcs may be objects; max_completion_length would clash with the DataModule's
         # hparam of the same name (unused in prompts mode). Pass both again to load_from_checkpoint.
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler", "reward_funcs", "max_completion_length"])
@@ -197,7 +195,7 @@ class GRPOModule(AlignModule):
         self.num_iterations, self.steps_per_generation = num_iterations, steps_per_generation
         self.micro_batch_size, self.max_grad_norm = micro_batch_size, max_grad_norm
         self.reference_mode = reference
-        self.generation_backend, self.vllm_kwargs = generation_backend, dict(vllm or {})
+        self.generation_backend = generation_backend
         self.generation_seed = generation_seed
         self.log_completions_every_n_steps, self.num_completions_to_log = log_completions_every_n_steps, num_completions_to_log
         self.export_dir, self.merge_lora = export_dir, merge_lora
@@ -219,12 +217,6 @@ class GRPOModule(AlignModule):
         for source in self.reward_funcs:
             if hasattr(source, "bind"):
                 source.bind(self)
-
-    def setup(self, stage: str) -> None:
-        if self.generator is None and self.generation_backend == "vllm":
-            from lit_align.generation import VLLMGenerator
-
-            self.generator = VLLMGenerator(resolve_name(self.policy_config.name_or_path), self.tokenizer, **self.vllm_kwargs)
 
     def on_fit_start(self) -> None:
         for source in self.reward_funcs:  # reward models follow the policy's device
