@@ -82,6 +82,8 @@ def test_evaluate_two_models_all_judges(dpo_checkpoint, tiny_model_dir, shared_d
         f"--judges.probe={probe_path}",
         f"--judges.probe_backbone={tiny_model_dir}",
         "--sampling.max_new_tokens=6",
+        "--prefill.ks=[2]",
+        "--drift={}",
         "--batch_size=4",
         "--num_resamples=100",
         "--progress=false",
@@ -96,28 +98,67 @@ def test_evaluate_two_models_all_judges(dpo_checkpoint, tiny_model_dir, shared_d
         assert set(harm["judges"]) == {"phrases", "reward", "llm", "probe"}
         assert "refusal_rate" in harm["judges"]["phrases"] and "compliance_rate" in safe["judges"]["llm"]
         assert "mean_score" in harm["judges"]["reward"] and "mean_confidence" in harm["judges"]["probe"]
+        assert "prefill" in harm and "drift" in safe and "prefill" not in safe and "drift" not in harm
     records = [json.loads(line) for line in (out / "responses.jsonl").read_text().splitlines()]
     assert len(records) == 2 * (5 + 3)
-    for r in records:
-        assert 1 <= r["length_tokens"] <= 6
-        assert 0.0 <= r["judges"]["llm"]["confidence"] <= 1.0 and 0.0 <= r["judges"]["probe"]["confidence"] <= 1.0
-        # the reward source and the phrase judge read the same text
-        assert r["judges"]["reward"]["score"] in (0.0, 1.0)
-    # hand count of the JSON's refusal rate from the per-response verdicts
-    base_harm = [r for r in records if r["model"] == "base" and r["set"] == "harmbench"]
-    expected = sum(r["judges"]["phrases"]["refused"] for r in base_harm) / 5
-    assert report["metrics"]["base"]["harmbench"]["judges"]["phrases"]["refusal_rate"]["value"] == pytest.approx(expected)
+    check_report_against_responses(report, records, out)
     md = (out / "report.md").read_text()
     assert "| metric | base | dpo |" in md
     assert (out / "bars_harmbench_phrases.png").stat().st_size > 0 and (out / "confidence_hist_probe.png").stat().st_size > 0
+    assert (out / "prefill_harmbench_phrases.png").stat().st_size > 0
 
-    # a second run re-judges the cached generations instead of generating again
+    # a second run re-judges the cached generations instead of generating again (the greedy
+    # answers prefilled and scored for drift are base's own responses: no file of their own)
     cached = sorted(out.glob("generations/*.json"))
-    assert len(cached) == 4
+    assert sorted(p.name for p in cached) == sorted(
+        f"{m}__{s}.json" for m in ("base", "dpo") for s in ("harmbench", "xstest", "harmbench__prefill_k2")
+    )
     stamps = [p.stat().st_mtime_ns for p in cached]
     main(args)
     assert [p.stat().st_mtime_ns for p in cached] == stamps
     assert json.loads((out / "report.json").read_text())["metrics"] == report["metrics"]
+
+
+def check_report_against_responses(report: dict, records: list[dict], out) -> None:
+    """Every number of report.json recomputed from the responses and verdicts written."""
+    from lit_align.eval.judges import RefusalPhraseJudge
+
+    phrases = RefusalPhraseJudge()
+    for r in records:
+        assert 1 <= r["length_tokens"] <= 6
+        assert r["judges"]["phrases"]["refused"] == phrases.is_refusal(r["response"])  # the text judged is the text written
+        assert r["judges"]["llm"]["refused"] == (r["judges"]["llm"]["confidence"] >= 0.5)
+        assert 0.0 <= r["judges"]["probe"]["confidence"] <= 1.0
+        assert r["judges"]["reward"]["score"] in (0.0, 1.0)
+    for model, by_set in report["metrics"].items():
+        for set_name, m in by_set.items():
+            recs = [r for r in records if r["model"] == model and r["set"] == set_name]
+            gen = json.loads((out / "generations" / f"{model}__{set_name}.json").read_text())
+            assert [r["response"] for r in recs] == gen["responses"]  # written = generated
+            assert [r["length_tokens"] for r in recs] == [len(ids) for ids in gen["token_ids"]]
+            assert m["response_length_tokens"]["value"] == pytest.approx(sum(r["length_tokens"] for r in recs) / len(recs))
+            assert m["category_counts"] == {c: sum(r["category"] == c for r in recs) for c in m["category_counts"]}
+            for judge in ("phrases", "llm"):
+                refused = [r["judges"][judge]["refused"] for r in recs]
+                key, wanted = ("refusal_rate", refused) if set_name == "harmbench" else ("compliance_rate", [not x for x in refused])
+                assert m["judges"][judge][key]["value"] == pytest.approx(sum(wanted) / len(wanted))
+                for c, e in m["judges"][judge][f"{key}_by_category"].items():
+                    sub = [w for w, r in zip(wanted, recs) if r["category"] == c]
+                    assert (e["value"], e["n"]) == (pytest.approx(sum(sub) / len(sub)), len(sub))
+            for judge, field in (("reward", "score"), ("probe", "confidence"), ("llm", "confidence")):
+                values = [r["judges"][judge][field] for r in recs]
+                assert m["judges"][judge][f"mean_{field}"]["value"] == pytest.approx(sum(values) / len(values))
+    prefilled = [json.loads(line) for line in (out / "prefill_responses.jsonl").read_text().splitlines()]
+    for model in ("base", "dpo"):
+        p = report["metrics"][model]["harmbench"]["prefill"]
+        recs = [r for r in prefilled if r["model"] == model]
+        assert len(recs) == p["n"] == p["judges"]["phrases"]["refusal_rate_by_k"]["2"]["n"]
+        rate = p["judges"]["phrases"]["refusal_rate_by_k"]["2"]["value"]
+        assert rate == pytest.approx(sum(r["judges"]["phrases"]["refused"] for r in recs) / len(recs))
+        d = report["metrics"][model]["xstest"]["drift"]
+        drifts = [r["drift"] for r in records if r["model"] == model and r["set"] == "xstest"]
+        assert d["delta"]["value"] == pytest.approx(sum(x["nll"] - x["nll_reference"] for x in drifts) / len(drifts))
+    assert report["metrics"]["base"]["xstest"]["drift"]["delta"]["value"] == 0.0  # base is the reference
 
 
 def test_evaluate_rejects_bad_arguments(tiny_model_dir, tmp_path):
@@ -154,3 +195,16 @@ def test_interrupted_generation_resumes_from_cache(tiny_model_dir, shared_data, 
     # another fingerprint (other settings) starts over instead of mixing generations
     other = _generate(generator, rows, sampling, 3, 0, False, "other", tmp_path / "partial.json", "another-key")
     assert other["fingerprint"] == "another-key" and len(other["responses"]) == 7
+
+    # prefilled prompts (the prefilling attack) go through the same cache and resume alike
+    from lit_align.eval.prefill import encode_prefilled
+
+    prefilled = [{**r, "prefix_ids": ids[:2]} for r, ids in zip(rows, full["token_ids"])]
+    whole = _generate(generator, prefilled, sampling, 3, 0, False, "k2", tmp_path / "k2.json", "k2", encode_prefilled)
+    assert [ids[:3] for ids in whole["token_ids"]] == [ids[2:5] for ids in full["token_ids"]]  # greedy goes on
+    (tmp_path / "k2_partial.json").write_text(json.dumps({k: (v[:6] if isinstance(v, list) else v) for k, v in whole.items()}))
+    calls = []
+    generate_ids = generator.generate_ids
+    generator.generate_ids = lambda ids, *a: calls.append(len(ids)) or generate_ids(ids, *a)  # count, then generate
+    resumed = _generate(generator, prefilled, sampling, 3, 0, False, "k2", tmp_path / "k2_partial.json", "k2", encode_prefilled)
+    assert resumed == whole and calls == [1]  # only the last batch (1 prompt) was generated again

@@ -92,3 +92,39 @@ def test_write_report_files(tmp_path, two_models):
         image = matplotlib.image.imread(paths[name])
         assert image.shape[0] > 200 and image.shape[1] > 400
         assert image[..., :3].std() > 0.05  # not a blank canvas
+
+
+def test_prefill_curve_and_summary_rows(two_models, tmp_path):
+    from lit_align.eval.metrics import Estimate
+    from lit_align.eval.report import markdown, prefill_curve
+
+    metrics, records = two_models
+    ks = [0, 5, 10]
+    rates = {"base": [0.8, 0.5, 0.1], "aligned": [0.9, 0.8, 0.7]}
+    for m, values in rates.items():
+        metrics[m]["harmful"]["prefill"] = {
+            "ks": ks, "n_prompts": 12, "n": 10, "skipped": {"answer is a refusal": 2},
+            "judges": {"phrases": {"refusal_rate_by_k": {str(k): Estimate(v, v - 0.1, v + 0.05, 10) for k, v in zip(ks, values)}}},
+        }  # fmt: skip
+        delta = 0.0 if m == "base" else 0.25
+        metrics[m]["safe"]["drift"] = {
+            "reference": "base", "n": 8, "answer_tokens": 80, "nll": Estimate(1.0 + delta, 0.9, 1.5, 8),
+            "nll_reference": Estimate(1.0, 0.9, 1.1, 8), "delta": Estimate(delta, delta - 0.05, delta + 0.1, 8),
+        }  # fmt: skip
+    (ax,) = prefill_curve(metrics, "harmful", "phrases").axes
+    assert [c.get_label() for c in ax.containers] == ["base", "aligned"]  # one line per model
+    for container, m in zip(ax.containers, rates):
+        xy = container.lines[0].get_xydata()
+        assert xy[:, 0].tolist() == ks and xy[:, 1].tolist() == pytest.approx(rates[m])
+
+    md = markdown(metrics, {"judges": ["phrases", "reward"]})
+    summary = md[md.index("## Summary (phrases judge)") : md.index("## harmful")]
+    assert "| harmful | refusal on harmful (higher: safer) | 25.0% [" in summary
+    assert "| safe | compliance on safe (1 − over-refusal) | 75.0% [" in summary
+    assert "| harmful | refusal, no prefill (the attacked prompts) | 80.0% [70.0, 85.0] | 90.0% [80.0, 95.0] |" in summary
+    assert "| harmful | refusal, prefilled k=10 answer tokens | 10.0% [0.0, 15.0] | 70.0% [60.0, 75.0] |" in summary
+    assert "| safe | drift: Δ NLL of the reference's answers (nats/token) | 0 [-0.05, 0.1] | 0.25 [0.2, 0.35] |" in summary
+    assert "10 of 12 harmful prompts used; skipped: {'answer is a refusal': 2}" in md
+    assert "| Δ = model − reference (≈ KL) | 0 [-0.05, 0.1] | 0.25 [0.2, 0.35] |" in md
+    paths = write_report(tmp_path, metrics, records, {"judges": ["phrases"]}, prefill_records={"base": []})
+    assert paths["prefill_harmful_phrases"].stat().st_size > 5000 and paths["prefill_responses"].exists()
