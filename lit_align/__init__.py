@@ -24,6 +24,7 @@ _EXPORTS: dict[str, str] = {
     "load_rows": "lit_align.data.formats",
     "BadRowError": "lit_align.data.formats",
     "DPOModule": "lit_align.modules.dpo",
+    "OnlineDPOModule": "lit_align.modules.online_dpo",
     "AlignModule": "lit_align.modules.base",
     "WarmupCosineLR": "lit_align.modules.base",
     "dpo_loss": "lit_align.losses.dpo",
@@ -81,6 +82,10 @@ _EXPORTS: dict[str, str] = {
     "pairwise_margin_loss": "lit_align.losses.probe",
     "ProbeModule": "lit_align.modules.probe",
     "ProbeScorer": "lit_align.probes.candidates",
+    "ablate": "lit_align.experiments.ablate",
+    "AblationInputs": "lit_align.experiments.ablate",
+    "ArmConfig": "lit_align.experiments.ablate",
+    "CostMeter": "lit_align.experiments.costs",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -18,6 +18,7 @@ COMMANDS: dict[str, str] = {
     "rerank-candidates": "lit_align.probes.candidates:rerank_candidates",
     "export": "lit_align.export:export",
     "evaluate": "lit_align.eval.evaluate:evaluate",
+    "ablate": "lit_align.experiments.ablate:ablate",
     "judge-accuracy": "lit_align.eval.judge_accuracy:judge_accuracy",
     "build-cod": "lit_align.srmir.cod:build_cod",
     "train-shadow": "lit_align.srmir.shadow:train_shadow",

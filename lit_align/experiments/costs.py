@@ -1,0 +1,144 @@
+"""What a training run costs: wall-clock seconds and the tokens its models forwarded.
+
+`CostMeter` is a Callback. At `on_fit_start` it hooks the forward of every Hugging Face model
+the LightningModule holds (`policy`, `reference`, ...) and counts the positions each call
+forwards, `input_ids.numel()` (padding included: it is computed too). A call with a KV cache is
+sampling (prefill and decode steps); any other is a full forward, split by whether autograd
+records it (the trained forward, whose backward costs about twice more) or not (reference
+log-probs, scoring). Calls during validation and the sanity check are not counted, and the
+seconds are those of the fit from `on_fit_start` to `on_train_end` minus validation: model
+loading before and the export after are left out.
+
+Modules that sample report the tokens they generated in an integer attribute `generated_tokens`
+(OnlineDPOModule); the meter copies it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Optional
+
+import lightning as L
+import torch
+
+
+def load_average() -> list[float]:
+    """The machine's 1-, 5- and 15-minute load averages (timings mean little without them)."""
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def call_positions(args: tuple, kwargs: dict) -> tuple[int, bool]:
+    """(positions forwarded, whether the call uses a KV cache) of one model call."""
+    ids = kwargs.get("input_ids", args[0] if args else None)
+    if ids is None and kwargs.get("inputs_embeds") is not None:
+        ids = kwargs["inputs_embeds"][..., 0]
+    positions = int(ids.numel()) if torch.is_tensor(ids) else 0
+    cached = kwargs.get("past_key_values") is not None or kwargs.get("cache") is not None
+    return positions, cached
+
+
+def is_hf_model(module) -> bool:
+    return isinstance(module, torch.nn.Module) and hasattr(module, "config") and hasattr(module, "get_input_embeddings")
+
+
+class CostMeter(L.Callback):
+    """Counts the positions the module's models forward and times the fit (see the module docstring).
+
+    Args:
+        models: Attribute names of the LightningModule's models to count; null: every direct
+            child that is a Hugging Face model.
+        out: Write the summary as JSON here at the end of the fit.
+    """
+
+    def __init__(self, models: Optional[list[str]] = None, out: Optional[str] = None):
+        self.models, self.out = models, out
+        self.counts: Counter = Counter()
+        self.seconds = 0.0
+        self.validation_seconds = 0.0
+        self._start: Optional[float] = None
+        self._validation_start: Optional[float] = None
+        self._handles: list = []
+        self._trainer = None
+        self.summary: dict = {}
+
+    # ---------------------------------------------------------------- hooks on the models
+    def _watched(self, pl_module) -> dict[str, torch.nn.Module]:
+        if self.models is None:
+            return {name: child for name, child in pl_module.named_children() if is_hf_model(child)}
+        missing = [name for name in self.models if not isinstance(getattr(pl_module, name, None), torch.nn.Module)]
+        if missing:
+            raise ValueError(f"CostMeter: {type(pl_module).__name__} has no model attribute(s) {missing}")
+        return {name: getattr(pl_module, name) for name in self.models}
+
+    def _counter(self, name: str):
+        def hook(module, args, kwargs):
+            trainer = self._trainer
+            if trainer is not None and (trainer.sanity_checking or trainer.validating):
+                return
+            positions, cached = call_positions(args, kwargs)
+            kind = "sampling" if cached else ("forward_grad" if torch.is_grad_enabled() else "forward_nograd")
+            self.counts[f"{name}/{kind}"] += positions
+
+        return hook
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        self._trainer = trainer
+        for name, model in self._watched(pl_module).items():
+            self._handles.append(model.register_forward_pre_hook(self._counter(name), with_kwargs=True))
+        self._start = time.perf_counter()
+
+    # ---------------------------------------------------------------- timing
+    def on_validation_start(self, trainer, pl_module) -> None:
+        self._validation_start = time.perf_counter()
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if self._validation_start is not None:
+            self.validation_seconds += time.perf_counter() - self._validation_start
+            self._validation_start = None
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if self._start is not None:
+            self.seconds += time.perf_counter() - self._start - self.validation_seconds
+            self._start = None
+        self.summary = self.summarize(trainer, pl_module)
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        if self.out is not None and trainer.is_global_zero:
+            Path(self.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(self.out).write_text(json.dumps(self.summary, indent=2))
+
+    def summarize(self, trainer, pl_module) -> dict:
+        """Totals: seconds, steps, forward / sampling positions, generated tokens, and per model."""
+        by_kind = Counter()
+        for key, n in self.counts.items():
+            by_kind[key.split("/")[1]] += n
+        generated = getattr(pl_module, "generated_tokens", None)
+        return {
+            "train_seconds": round(self.seconds, 2),
+            "validation_seconds": round(self.validation_seconds, 2),
+            "steps": int(trainer.global_step),
+            "forward_tokens": by_kind["forward_grad"] + by_kind["forward_nograd"],
+            "forward_tokens_grad": by_kind["forward_grad"],
+            "sampling_forward_tokens": by_kind["sampling"],
+            "generated_tokens": int(generated) if generated is not None else 0,
+            "by_model": dict(sorted(self.counts.items())),
+        }
+
+    # ---------------------------------------------------------------- resume
+    def state_dict(self) -> dict:
+        elapsed = time.perf_counter() - self._start - self.validation_seconds if self._start is not None else 0.0
+        return {"counts": dict(self.counts), "seconds": self.seconds + elapsed}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.counts = Counter(state_dict.get("counts", {}))
+        self.seconds = float(state_dict.get("seconds", 0.0))
+
+
+__all__ = ["CostMeter", "call_positions", "load_average"]
