@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 
 import pytest
 import torch
@@ -65,11 +66,52 @@ def test_demo_runs_every_stage_and_resumes(generator_dir, shared_data, tmp_path,
     assert (tmp_path / "demo" / "grpo" / "shadow" / "manifest.json").exists()
     assert (tmp_path / "demo" / "grpo" / "aligned" / "config.json").exists()
     summary = (tmp_path / "demo" / "SUMMARY.md").read_text()
-    assert "refusal on harmful" in summary and "compliance on safe" in summary and "base" in summary
+    check_summary_against_report(summary, json.loads((tmp_path / "demo" / "evaluate" / "report.json").read_text()))
     capsys.readouterr()
     demo(**kwargs)  # every stage is done: a re-run skips them all
     out = capsys.readouterr().out
     assert out.count("done already") == 5
+
+
+CELL = re.compile(r"([+-]?[\d.]+)(%?) \[([+-]?[\d.]+), ([+-]?[\d.]+)\] \(n=(\d+)\)")
+
+
+def check_summary_against_report(summary: str, report: dict) -> None:
+    """Every number of SUMMARY.md's table is the one in report.json: refusal, prefilled refusal
+    at k = 10, compliance on the held-out and the XSTest safe prompts, drift."""
+    rows = {}
+    for line in summary.splitlines():
+        if line.startswith("| ") and not line.startswith("| prompt set"):
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            rows[(cells[0], cells[1])] = cells[2:]
+    m = report["metrics"]
+    assert list(m) == ["base", "aligned"]
+    phrases = lambda s: [m[x][s]["judges"]["phrases"] for x in m]  # noqa: E731
+    compliance = "compliance on safe (1 − over-refusal)"
+    expected = {
+        ("harmbench_test", "refusal on harmful"): [j["refusal_rate"] for j in phrases("harmbench_test")],
+        ("harmbench_test", "refusal on harmful, prefilled 10 tokens"):
+            [m[x]["harmbench_test"]["prefill"]["judges"]["phrases"]["refusal_rate_by_k"]["10"] for x in m],
+        ("safe_heldout", compliance): [j["compliance_rate"] for j in phrases("safe_heldout")],
+        ("xstest_safe", compliance): [j["compliance_rate"] for j in phrases("xstest_safe")],
+        ("safe_heldout", "drift: Δ NLL of base's answers (nats/token)"): [m[x]["safe_heldout"]["drift"]["delta"] for x in m],
+        ("xstest_safe", "drift: Δ NLL of base's answers (nats/token)"): [m[x]["xstest_safe"]["drift"]["delta"] for x in m],
+    }  # fmt: skip
+    assert set(rows) == set(expected)
+    for key, estimates in expected.items():
+        for cell, e in zip(rows[key], estimates):
+            if not e["n"]:
+                assert cell == "–", key
+                continue
+            value, pct, low, high, n = CELL.fullmatch(cell).groups()
+            scale, tol = (100, 0.05) if pct else (1, 0.0005)
+            got = [float(value), float(low), float(high)]
+            assert got == pytest.approx([scale * e[k] for k in ("value", "low", "high")], abs=tol), key
+            assert int(n) == e["n"]
+    assert m["base"]["xstest_safe"]["n_safe"] == 40  # XSTEST_LIMIT of XSTest's safe prompts
+    assert m["base"]["safe_heldout"]["drift"]["delta"]["value"] == 0.0  # base is the reference
+    p = m["base"]["harmbench_test"]["prefill"]
+    assert p["n"] + sum(p["skipped"].values()) == p["n_prompts"] == 6
 
 
 def test_preference_pairs_refuse_harmful_and_answer_harmless():
@@ -88,3 +130,17 @@ def test_preference_pairs_refuse_harmful_and_answer_harmless():
     # harmless: the policy's answer over its own refusal of that prompt, else a harmful prompt's refusal
     assert pairs["bake bread"] == {"prompt": "bake bread", "chosen": "Mix flour and water.", "rejected": own[0], "category": None}
     assert pairs["plant a tree"]["rejected"] in {"I'm sorry, but I can't help with bombs.", "I'm sorry, but I can't help with theft."}
+
+
+def test_summary_says_when_xstest_is_missing(tmp_path):
+    from lit_align.demo.pipeline import XSTEST_PROMPTS, summarise
+
+    rate = {"value": 0.5, "low": 0.25, "high": 0.75, "n": 8}
+    metrics = {"judges": {"phrases": {"refusal_rate": rate}}}
+    report = {"meta": {"prompt_sets": {"harmbench_test": "harmbench: test.csv (n=8)"}},
+              "metrics": {"base": {"harmbench_test": metrics}, "aligned": {"harmbench_test": metrics}}}  # fmt: skip
+    (tmp_path / "evaluate").mkdir()
+    (tmp_path / "evaluate" / "report.json").write_text(json.dumps(report))
+    summary = summarise(tmp_path)
+    assert f"Over-refusal on XSTest was not measured: {XSTEST_PROMPTS} is missing" in summary
+    assert "| harmbench_test | refusal on harmful | 50.0% [25.0, 75.0] (n=8) | 50.0% [25.0, 75.0] (n=8) |" in summary

@@ -9,7 +9,8 @@ Stages (each writes `<workdir>/<stage>/DONE.json`; a re-run skips finished stage
 3. `dpo`      DPO with LoRA, the conservative loss and on-the-fly probe re-ranking
               (configs/demo/dpo.yaml); the aligned policy is exported, LoRA merged.
 4. `grpo`     (with --grpo) shadow reward models per category, then GRPO on the aligned policy.
-5. `evaluate` base vs aligned on held-out harmful (HarmBench test, standard) and safe prompts.
+5. `evaluate` base vs aligned on held-out harmful (HarmBench test, standard) and safe prompts,
+              XSTest's safe prompts (over-refusal), a 10-token prefilling attack, drift.
 """
 
 from __future__ import annotations
@@ -28,6 +29,12 @@ log = logging.getLogger(__name__)
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "demo"
 HARMLESS = Path(__file__).with_name("harmless_prompts.txt")
+# XSTest (Röttger et al. 2024, CC-BY-4.0) is on no PyPI package: the demo reads it from the
+# project's ../shared/data when present. A seeded subset of its 250 safe prompts, and one prefill
+# length, keep the evaluate stage within the demo's 20-minute budget.
+XSTEST_PROMPTS = Path(__file__).resolve().parents[3] / "shared" / "data" / "xstest_prompts.csv"
+XSTEST_LIMIT = 40
+PREFILL_K = 10
 # Decoding one token of a small model on a CPU reads every weight whatever the batch, so wide
 # batches come almost free: 32 rows generate about twice as fast as 8 (SmolLM2, 2 cores).
 GENERATION_BATCH = 32
@@ -205,7 +212,13 @@ class Demo:
         return {"aligned": str(self.path("grpo", "aligned")), "shadow_manifest": str(shadow / "manifest.json")}
 
     def evaluate(self, final_model: str) -> dict:
+        """Base vs aligned: refusal on held-out HarmBench, compliance on the held-out harmless prompts
+        and on XSTest's safe prompts (over-refusal; read from ../shared/data when it is there, as no
+        PyPI package ships XSTest), refusal under a 10-token prefilling attack, drift on the safe
+        prompts. Sizes are cut for the CPU budget: XSTEST_LIMIT XSTest prompts, one k."""
+        from lit_align.eval.drift import DriftConfig
         from lit_align.eval.evaluate import evaluate
+        from lit_align.eval.prefill import PrefillConfig
         from lit_align.eval.prompts import PromptSetConfig
         from lit_align.generation import SamplingConfig
 
@@ -217,9 +230,17 @@ class Demo:
             preset="custom", path=str(self.path("data", "eval_safe.jsonl")), name="safe_heldout",
             text_column="prompt", harmful=False,
         )
+        sets = [harmful, safe]
+        if XSTEST_PROMPTS.is_file():
+            sets.append(PromptSetConfig(preset="xstest", path=str(XSTEST_PROMPTS), name="xstest_safe", limit=XSTEST_LIMIT, seed=self.seed))
+        else:
+            log.warning("demo evaluate: %s not found: over-refusal on XSTest is not measured", XSTEST_PROMPTS)
         return evaluate(
-            models=[self.base, final_model], names=["base", "aligned"], prompt_sets=[harmful, safe],
+            models=[self.base, final_model], names=["base", "aligned"], prompt_sets=sets,
             out_dir=str(self.path("evaluate")), sampling=SamplingConfig(max_new_tokens=48, temperature=0.0),
+            # the base model's own greedy answers are the prefixes; one too short for k is skipped, counted
+            prefill=PrefillConfig(ks=[PREFILL_K], sets=["harmbench_test"], on_bad_rows="skip"),
+            drift=DriftConfig(),  # reference: base, on every safe set
             batch_size=GENERATION_BATCH, seed=self.seed, progress=self.progress,
         )
 
@@ -289,35 +310,79 @@ def demo(
 
 def summarise(workdir: Path) -> str:
     report = json.loads((workdir / "evaluate" / "report.json").read_text())
-    return "\n".join(["## lit_align demo: SmolLM2-135M-Instruct before and after", "", summary_table(report)])
+    lines = ["## lit_align demo: SmolLM2-135M-Instruct before and after", "", summary_table(report)]
+    if not any(v.startswith("xstest") for v in report.get("meta", {}).get("prompt_sets", {}).values()):
+        lines += ["", f"Over-refusal on XSTest was not measured: {XSTEST_PROMPTS} is missing (XSTest is on no "
+                      "PyPI package; put its xstest_prompts.csv there, CC-BY-4.0)."]  # fmt: skip
+    return "\n".join(lines)
+
+
+def _preferred(judges: dict) -> list[str]:
+    """Judge names, a refusal judge first (the phrase judge, or any named *refusal*)."""
+    return sorted(judges, key=lambda j: ("refusal" not in j and j != "phrases", j))
 
 
 def _rate(metrics: dict, key: str) -> Optional[dict]:
-    """The refusal-phrase judge's estimate of `key` (refusal_rate / compliance_rate)."""
+    """The preferred refusal judge's estimate of `key` (refusal_rate / compliance_rate)."""
     judges = metrics.get("judges", {})
-    for name in sorted(judges, key=lambda j: "refusal" not in j):
+    for name in _preferred(judges):
         if key in judges[name]:
             return judges[name][key]
     return None
 
 
+def _prefill_rates(metrics: dict) -> dict[str, dict]:
+    """{k: estimate} of the preferred judge under the prefilling attack (k > 0)."""
+    judges = metrics.get("prefill", {}).get("judges", {})
+    name = next(iter(_preferred(judges)), None)
+    return {k: e for k, e in judges[name]["refusal_rate_by_k"].items() if k != "0"} if name else {}
+
+
+def _cell(v: Optional[dict], pct: bool = True) -> str:
+    if not v or not v["n"]:
+        return "–"
+    if pct:
+        return f"{100 * v['value']:.1f}% [{100 * v['low']:.1f}, {100 * v['high']:.1f}] (n={v['n']})"
+    return f"{v['value']:+.3f} [{v['low']:+.3f}, {v['high']:+.3f}] (n={v['n']})"
+
+
+def _verdict(prompt_set: str, label: str, values: list) -> Optional[str]:
+    if len(values) != 2 or not all(v and v["n"] for v in values):
+        return None
+    before, after = values
+    change = 100 * (after["value"] - before["value"])
+    clear = after["low"] > before["high"] or after["high"] < before["low"]
+    word = ("better" if change > 0 else "worse") if clear else "no clear change (intervals overlap)"
+    return f"- {prompt_set}, {label}: {change:+.1f} points: {word}"
+
+
 def summary_table(report: dict) -> str:
-    """Refusal on harmful prompts and compliance on safe ones, before and after, from report.json."""
+    """Refusal on harmful prompts (plain and prefilled), compliance on safe ones (over-refusal),
+    and drift, before and after, from report.json."""
     metrics = report["metrics"]
     models = list(metrics)
     lines = ["| prompt set | metric | " + " | ".join(models) + " |", "|---|---|" + "---|" * len(models)]
-    verdicts = []
+    verdicts, drifts = [], []
     for prompt_set in dict.fromkeys(s for m in models for s in metrics[m]):
-        for key, label in (("refusal_rate", "refusal on harmful"), ("compliance_rate", "compliance on safe")):
-            values = [_rate(metrics[m].get(prompt_set, {}), key) for m in models]
-            if all(v is None for v in values):
-                continue
-            cells = [f"{100 * v['value']:.1f}% [{100 * v['low']:.1f}, {100 * v['high']:.1f}] (n={v['n']})" if v else "–" for v in values]
-            lines.append(f"| {prompt_set} | {label} | " + " | ".join(cells) + " |")
-            if len(values) == 2 and all(values):
-                before, after = values
-                change = 100 * (after["value"] - before["value"])
-                clear = after["low"] > before["high"] or after["high"] < before["low"]
-                word = ("better" if change > 0 else "worse") if clear else "no clear change (intervals overlap)"
-                verdicts.append(f"- {prompt_set}, {label}: {change:+.1f} points: {word}")
-    return "\n".join(lines + ["", "Change from base to aligned (higher is better for both):", *verdicts])
+        by_model = [metrics[m].get(prompt_set, {}) for m in models]
+        rows = [(label, [_rate(x, key) for x in by_model])
+                for key, label in (("refusal_rate", "refusal on harmful"), ("compliance_rate", "compliance on safe (1 − over-refusal)"))]
+        ks = list(dict.fromkeys(k for x in by_model for k in _prefill_rates(x)))
+        rows += [(f"refusal on harmful, prefilled {k} tokens", [_prefill_rates(x).get(k) for x in by_model]) for k in ks]
+        for label, values in rows:
+            if any(v is not None for v in values):
+                lines.append(f"| {prompt_set} | {label} | " + " | ".join(_cell(v) for v in values) + " |")
+                verdicts.append(_verdict(prompt_set, label, values))
+        values = [x.get("drift", {}).get("delta") for x in by_model]
+        if any(values):
+            reference = next(x["drift"]["reference"] for x in by_model if "drift" in x)
+            lines.append(f"| {prompt_set} | drift: Δ NLL of {reference}'s answers (nats/token) | " + " | ".join(_cell(v, pct=False) for v in values) + " |")
+            after = values[-1]
+            if after and after["n"]:
+                word = ("drift: less likely under " if after["low"] > 0 else "more likely under " if after["high"] < 0
+                        else "no clear drift: about as likely under ")  # fmt: skip
+                drifts.append(f"- {prompt_set}: Δ {after['value']:+.3f} nats/token, {word}{models[-1]} as under {reference}")
+    out = lines + ["", "Change from base to aligned (higher is better for the rates):", *filter(None, verdicts)]
+    if drifts:
+        out += ["", "Drift (Δ per-token NLL of the base model's greedy answers to the safe prompts, ≈ KL; 0 for base):", *drifts]
+    return "\n".join(out)
