@@ -67,6 +67,23 @@ def test_prefix_ids_follow_the_generation_prompt(tiny_model_dir):
     assert mask[0, 0] == 0  # still left-padded: every row ends with its prefix
 
 
+def test_prefill_of_own_answer_goes_on_token_for_token(tiny_model_dir, shared_data, tmp_path):
+    """The random tiny model's greedy answers are no canonical tokenization (decoding and
+    re-encoding them gives other ids), so only prefix ids taken as generated reproduce them."""
+    metrics = evaluate(
+        models=[str(tiny_model_dir)], names=["tiny"], prompt_sets=[harmbench(shared_data, 4)], out_dir=str(tmp_path),
+        sampling=SamplingConfig(max_new_tokens=10, temperature=0.0), prefill=PrefillConfig(ks=[3, 7], keep_answers="all"),
+        **FAST,
+    )  # fmt: skip
+    tokenizer = load_for_eval(str(tiny_model_dir), device="cpu")[1]
+    answers = json.loads((tmp_path / "generations" / "tiny__harmbench.json").read_text())["token_ids"]
+    assert any(tokenizer(tokenizer.decode(a), add_special_tokens=False)["input_ids"] != a for a in answers)
+    assert metrics["tiny"]["harmbench"]["prefill"]["n"] == 4
+    for k in (3, 7):
+        continued = json.loads((tmp_path / "generations" / f"tiny__harmbench__prefill_k{k}.json").read_text())["token_ids"]
+        assert [c[: 10 - k] for c in continued] == [a[k:] for a in answers]
+
+
 def test_prefill_attack_end_to_end(canned_dir, shared_data, tmp_path):
     out = tmp_path / "run"
     metrics = evaluate(
