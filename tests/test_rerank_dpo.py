@@ -239,3 +239,33 @@ def test_resume_restores_the_probe_optimizer(tiny_model_dir, shared_data, tmp_pa
     assert all(int(s["step"]) == 3 for s in resumed.probe_optimizer.state_dict()["state"].values())
     for (name, a), b in zip(straight.probe.named_parameters(), resumed.probe.parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=lambda m: f"{name}: {m}")
+
+
+class NaNAtStep(DPOModule):
+    """Fault injection: the loss turns NaN at one step (the whole backward, probe included, goes NaN)."""
+
+    def __init__(self, *args, nan_step=1, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.nan_step = nan_step
+
+    def compute_loss(self, batch, split):
+        loss, metrics = super().compute_loss(batch, split)
+        if split == "train" and self.trainer.global_step == self.nan_step:
+            loss = loss * float("nan")
+        return loss, metrics
+
+
+def test_a_policy_step_dropped_by_the_guard_drops_the_probe_step(tiny_model_dir, shared_data, tmp_path):
+    from lit_align.reliability import NonFiniteGuard
+
+    probe_path = make_probe_file(tmp_path / "probe.safetensors")
+    module = NaNAtStep(
+        PolicyConfig(name_or_path=str(tiny_model_dir)), loss_type="conservative", beta=0.1, reference="copy",
+        probe_path=probe_path, co_train_probe=True, optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3),
+    )
+    data = setup(tiny_model_dir, shared_data, probe_path)[1]
+    guard = NonFiniteGuard("skip", max_skipped_batches=1)
+    trainer(tmp_path, 3, [guard]).fit(module, datamodule=data)
+    assert guard.skipped == 1
+    assert all(torch.isfinite(p).all() for p in module.probe.parameters())  # the NaN gradients were never applied
+    assert all(int(s["step"]) == 2 for s in module.probe_optimizer.state_dict()["state"].values())
