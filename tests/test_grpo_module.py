@@ -207,15 +207,73 @@ def test_bad_options_fail_clearly(tiny_model_dir):
 @pytest.mark.slow
 def test_smollm2_lora_grpo_steps(prompts_file, tmp_path):
     """One optimiser step on the real SmolLM2-135M-Instruct with LoRA and KL to its base
-    (2 prompts × 2 completions × 8 tokens: the CPU here is shared)."""
+    (2 prompts × 2 completions × 8 tokens: the CPU here is shared), checked against the closed
+    form of the first step. LoRA's B starts at 0, so the policy is its reference (KL = 0, and the
+    k3 term's gradient is 0 there) and the sampling policy (ratio = 1): the dapo loss is
+    −Σ_i Â_i·|y_i| / Σ_i |y_i| and its gradient −Σ_i Â_i ∇log π(y_i|x_i) / Σ_i |y_i|, with
+    Â_i = (r_i − mean_g r) / (std_g r + 1e-4) (unbiased std over the prompt's 2 completions).
+    Plain SGD with lr 1 and no clipping: the step moves the weights by exactly −gradient, which is
+    recomputed here with one forward per completion, independent of the module's batched code."""
+    import copy
+
+    import lightning as L
+
+    from lit_align import AlignDataModule, GRPOModule, PolicyConfig
     from lit_align.models import LoraArgs
 
-    module, trainer = _fit("smollm2-135m-instruct", prompts_file, tmp_path, steps=1, batch_size=2,
-                           lora=LoraArgs(r=8, alpha=16), beta=0.04, num_generations=2)
+    class Recorded(GRPOModule):
+        def make_rollout(self, batch, seed):
+            self.initial = {n: p.detach().clone() for n, p in self.policy.named_parameters()}
+            self.recorded = super().make_rollout(batch, seed)
+            return self.recorded
+
+    L.seed_everything(0)
+    module = Recorded(PolicyConfig(name_or_path="smollm2-135m-instruct", lora=LoraArgs(r=8, alpha=16)),
+                      reward_funcs=[a_fraction], num_generations=2, max_completion_length=8, beta=0.04,
+                      max_grad_norm=None, log_completions_every_n_steps=0,
+                      optimizer=lambda p: torch.optim.SGD(p, lr=1.0))
+    data = AlignDataModule(str(prompts_file), mode="prompts", batch_size=2, val_fraction=0.0)
+    trainer = L.Trainer(accelerator="cpu", max_steps=1, default_root_dir=tmp_path, logger=False,
+                        enable_progress_bar=False, limit_val_batches=0, enable_model_summary=False)
+    trainer.fit(module, data)
     logged = dict(trainer.logged_metrics)
     assert trainer.global_step == 1
-    assert torch.isfinite(torch.tensor(float(logged["loss"])))
-    assert logged["kl"] >= 0 and 0 < logged["completions/mean_length"] <= 8
+    rollout, _, (texts, rewards_per_func, _) = module.recorded
+    rewards = torch.tensor(a_fraction(None, texts))
+    torch.testing.assert_close(rewards_per_func[:, 0], rewards)
+    grouped = rewards.view(2, 2)
+    advantages = ((grouped - grouped.mean(1, keepdim=True)) / (grouped.std(1, keepdim=True) + 1e-4)).view(-1)
+    assert advantages.abs().min() > 0.5  # the seeded samples differ in reward within each group
+    lengths = rollout.completion_mask.sum(1).float()
+    assert float(logged["loss"]) == pytest.approx(float(-(advantages * lengths).sum() / lengths.sum()), abs=1e-6)
+    assert float(logged["kl"]) == pytest.approx(0.0, abs=1e-6)
+    assert float(logged["reward"]) == pytest.approx(float(rewards.mean()), abs=1e-6)
+    assert float(logged["completions/mean_length"]) == pytest.approx(float(lengths.mean()))
+
+    start = copy.deepcopy(module.policy)  # the weights the rollout was sampled with
+    with torch.no_grad():
+        for name, p in start.named_parameters():
+            p.copy_(module.initial[name])
+    objective = 0.0
+    for i in range(len(lengths)):
+        prompt = rollout.prompt_ids[i][rollout.prompt_mask[i].bool()]
+        completion = rollout.completion_ids[i][rollout.completion_mask[i].bool()]
+        logits = start(torch.cat([prompt, completion])[None]).logits[0, len(prompt) - 1 : -1]
+        logp = torch.log_softmax(logits.float(), -1).gather(1, completion[:, None]).sum()
+        objective = objective - advantages[i] * logp / lengths.sum()
+    objective.backward()
+    trained = dict(module.policy.named_parameters())
+    lora_b = [n for n, p in start.named_parameters() if p.requires_grad and "lora_B" in n]
+    assert len(lora_b) > 0
+    for name, p in start.named_parameters():
+        if not p.requires_grad:
+            continue
+        step = module.initial[name] - trained[name].detach()  # = lr · gradient
+        if "lora_A" in name:  # no gradient reaches A while B = 0
+            assert step.abs().max() == 0, name
+        else:
+            torch.testing.assert_close(step, p.grad, rtol=1e-3, atol=1e-7, msg=name)
+    assert max(float(trained[n].abs().max()) for n in lora_b) > 1e-4  # the step did train
 
 
 def test_function_config_on_real_hh_rlhf_prompts(tiny_model_dir, shared_data, tmp_path):
