@@ -76,6 +76,22 @@ def test_cost_meter_counts_the_positions_each_model_forwards(tiny_model_dir, sha
     assert json.loads((tmp_path / "costs.json").read_text()) == meter.summary
 
 
+def test_cost_meter_watches_the_outermost_models_and_reward_models(tiny_model_dir):
+    from lit_align.experiments.costs import watched_models
+    from lit_align.models import load_causal_lm
+
+    class Ensemble(torch.nn.Module):  # a reward source that is a module holding a model
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+    module = L.LightningModule()
+    module.policy = load_causal_lm(PolicyConfig(name_or_path=str(tiny_model_dir)))
+    module.probe = HybridProbe(32, [1, 2])
+    module.reward_funcs = [lambda prompts, completions, **kw: [0.0] * len(prompts), Ensemble(load_causal_lm(PolicyConfig(name_or_path=str(tiny_model_dir))))]
+    assert sorted(watched_models(module)) == ["policy", "reward_funcs.1.model"]  # not policy.model, not the probe
+
+
 # ---------------------------------------------------------------------------- the tiny ablation
 def write_jsonl(path: Path, rows: list[dict]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -132,7 +148,12 @@ def test_tiny_ablation_table_costs_verdicts_and_resume(workdir, capsys):
     summary = json.loads((out / "ablation.json").read_text())
     assert summary["arms"] == ["base", "dpo", "online"]
     assert summary["seeds"] == {"base": [0], "dpo": [0, 1], "online": [0]}
-    assert summary["metrics"] == ["harmful: refusal", "safe: compliance"]
+    assert summary["metrics"] == ["harmful: refusal", "harmful: prefill k=2 refusal", "safe: compliance", "safe: drift ΔNLL"]
+    # drift is measured from the start model's answers, so the start model has none; the prefill
+    # attack uses the start model's answers for every arm
+    assert "safe: drift ΔNLL" not in summary["quality"]["base"] and "safe: drift ΔNLL" in summary["quality"]["dpo"]
+    assert summary["quality"]["dpo"]["safe: drift ΔNLL"]["pooled"] == "envelope"
+    assert summary["quality"]["dpo"]["harmful: prefill k=2 refusal"]["pooled"] == "responses"
     markdown = (out / "ablation.md").read_text()
     assert (out / "ablation.png").stat().st_size > 0
 
@@ -142,17 +163,22 @@ def test_tiny_ablation_table_costs_verdicts_and_resume(workdir, capsys):
         for i, run in enumerate(runs):
             report = json.loads((out / run["eval_dir"] / "report.json").read_text())
             (metrics,) = report["metrics"].values()
-            values = [metrics["harmful"]["judges"]["phrases"]["refusal_rate"], metrics["safe"]["judges"]["phrases"]["compliance_rate"]]
-            stats = [ArmMetric(**summary["quality"][arm][k]) for k in summary["metrics"]]
+            values = [
+                metrics["harmful"]["judges"]["phrases"]["refusal_rate"],
+                metrics["harmful"]["prefill"]["judges"]["phrases"]["refusal_rate_by_k"]["2"],
+                metrics["safe"]["judges"]["phrases"]["compliance_rate"],
+            ] + ([metrics["safe"]["drift"]["delta"]] if arm != "base" else [])
+            stats = [ArmMetric(**summary["quality"][arm][k]) for k in summary["metrics"] if k in summary["quality"][arm]]
             assert [s.values[i] for s in stats] == [v["value"] for v in values]
-            assert per_seed[(arm, run["seed"])] == [seed_cell(s, i) for s in stats]
+            assert [c for c in per_seed[(arm, run["seed"])] if c != "–"] == [seed_cell(s, i) for s in stats]
             assert per_seed[(arm, run["seed"])][0] == f"{100 * values[0]['value']:.1f}% [{100 * values[0]['low']:.1f}, {100 * values[0]['high']:.1f}]"
     quality = {r[0]: r[2:] for r in table_rows(markdown, "Quality")}
     dpo = summary["quality"]["dpo"]["harmful: refusal"]
     assert quality["dpo"][0].startswith(f"{100 * statistics.fmean(dpo['values']):.1f}% (seeds {100 * min(dpo['values']):.1f}–")
     # one seed: the pooled interval is the run's own bootstrap interval (same responses, same seed)
-    base = summary["quality"]["base"]["harmful: refusal"]
-    assert (base["pooled_low"], base["pooled_high"]) == (base["lows"][0], base["highs"][0])
+    for key in ("harmful: refusal", "safe: compliance"):
+        base = summary["quality"]["base"][key]
+        assert (base["pooled_low"], base["pooled_high"]) == (base["lows"][0], base["highs"][0])
 
     # costs: every trained arm took the budget; only the online arm sampled
     costs = {arm: [r["train"] for r in runs] for arm, runs in summary["runs"].items()}

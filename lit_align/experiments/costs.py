@@ -1,7 +1,7 @@
 """What a training run costs: wall-clock seconds and the tokens its models forwarded.
 
 `CostMeter` is a Callback. At `on_fit_start` it hooks the forward of every Hugging Face model
-the LightningModule holds (`policy`, `reference`, ...) and counts the positions each call
+the LightningModule holds (`policy`, `reference`, reward models) and counts the positions each call
 forwards, `input_ids.numel()` (padding included: it is computed too). A call with a KV cache is
 sampling (prefill and decode steps); any other is a full forward, split by whether autograd
 records it (the trained forward, whose backward costs about twice more) or not (reference
@@ -45,12 +45,32 @@ def is_hf_model(module) -> bool:
     return isinstance(module, torch.nn.Module) and hasattr(module, "config") and hasattr(module, "get_input_embeddings")
 
 
+def top_hf_models(module: torch.nn.Module, prefix: str = "") -> dict[str, torch.nn.Module]:
+    """The outermost Hugging Face models in `module`'s tree (a model's own sub-models not again)."""
+    found = {}
+    for name, child in module.named_children():
+        path = f"{prefix}{name}"
+        found.update({path: child} if is_hf_model(child) else top_hf_models(child, f"{path}."))
+    return found
+
+
+def watched_models(pl_module) -> dict[str, torch.nn.Module]:
+    """The models a module forwards: its own (`policy`, `reference`, ...) and those inside reward
+    functions that are modules (GRPO's reward models, a shadow-model ensemble)."""
+    found = top_hf_models(pl_module)
+    for i, source in enumerate(getattr(pl_module, "reward_funcs", None) or []):
+        if isinstance(source, torch.nn.Module):
+            found.update({f"reward_funcs.{i}": source} if is_hf_model(source) else top_hf_models(source, f"reward_funcs.{i}."))
+    return found
+
+
 class CostMeter(L.Callback):
     """Counts the positions the module's models forward and times the fit (see the module docstring).
 
     Args:
-        models: Attribute names of the LightningModule's models to count; null: every direct
-            child that is a Hugging Face model.
+        models: Attribute names of the LightningModule's models to count; null: every Hugging Face
+            model it holds (outermost ones: `policy`, `reference`, ...) and those inside its
+            `reward_funcs` that are modules.
         out: Write the summary as JSON here at the end of the fit.
     """
 
@@ -68,7 +88,7 @@ class CostMeter(L.Callback):
     # ---------------------------------------------------------------- hooks on the models
     def _watched(self, pl_module) -> dict[str, torch.nn.Module]:
         if self.models is None:
-            return {name: child for name, child in pl_module.named_children() if is_hf_model(child)}
+            return watched_models(pl_module)
         missing = [name for name in self.models if not isinstance(getattr(pl_module, name, None), torch.nn.Module)]
         if missing:
             raise ValueError(f"CostMeter: {type(pl_module).__name__} has no model attribute(s) {missing}")
@@ -141,4 +161,4 @@ class CostMeter(L.Callback):
         self.seconds = float(state_dict.get("seconds", 0.0))
 
 
-__all__ = ["CostMeter", "call_positions", "load_average"]
+__all__ = ["CostMeter", "call_positions", "load_average", "watched_models"]

@@ -7,9 +7,9 @@ model's answers to safe prompts (lower is better). Per arm it is summarised over
 
     mean   = (1/S) Σ_s r_s                      (r_s: the value of seed s, from its report.json)
     range  = [min_s r_s, max_s r_s]             (the seed spread)
-    pooled = bootstrap interval over the responses of every seed together (refusal and
-             compliance rates); for metrics whose per-prompt values the report does not keep
-             (prefill, drift): the envelope [min_s low_s, max_s high_s] of the seeds' intervals
+    pooled = bootstrap interval over the responses of every seed together (responses.jsonl,
+             prefill_responses.jsonl); for metrics whose per-prompt values the evaluation does
+             not keep (drift): the envelope [min_s low_s, max_s high_s] of the seeds' intervals
 
 Verdict of arm A against arm B on a metric, for "higher is better" (conservative: both must hold):
 
@@ -32,7 +32,7 @@ from typing import Optional
 
 from matplotlib.figure import Figure
 
-from lit_align.eval.metrics import judge_metrics, to_jsonable
+from lit_align.eval.metrics import Estimate, estimate, judge_metrics, to_jsonable
 
 RATES = {"refusal_rate": "refusal", "compliance_rate": "compliance"}
 
@@ -87,11 +87,13 @@ def run_metrics(report: dict, judge: str) -> dict[str, dict]:
         rates = m.get("judges", {}).get(judge, {})
         for key, label in RATES.items():
             if key in rates:
-                out[f"{prompt_set}: {label}"] = {"estimate": rates[key], "direction": 1, "unit": "%", "rate": key}
+                pool = {"file": "responses.jsonl", "set": prompt_set, "rate": key}
+                out[f"{prompt_set}: {label}"] = {"estimate": rates[key], "direction": 1, "unit": "%", "pool": pool}
         by_k = (m.get("prefill") or {}).get("judges", {}).get(judge, {}).get("refusal_rate_by_k", {})
         for k, estimate in by_k.items():
             if int(k) > 0:
-                out[f"{prompt_set}: prefill k={k} refusal"] = {"estimate": estimate, "direction": 1, "unit": "%"}
+                pool = {"file": "prefill_responses.jsonl", "set": prompt_set, "k": int(k)}
+                out[f"{prompt_set}: prefill k={k} refusal"] = {"estimate": estimate, "direction": 1, "unit": "%", "pool": pool}
         if (m.get("drift") or {}).get("delta") is not None:
             out[f"{prompt_set}: drift ΔNLL"] = {"estimate": m["drift"]["delta"], "direction": -1, "unit": "nats"}
     return out
@@ -105,10 +107,18 @@ def _nan(x) -> float:
     return math.nan if x is None else float(x)
 
 
+def pooled_estimate(records: list[dict], pool: dict, judge: str, **kw) -> Estimate:
+    """The metric over the records of every seed together, computed as evaluate computes it for one."""
+    records = [r for r in records if r["set"] == pool["set"] and r.get("k", pool.get("k")) == pool.get("k")]
+    if "rate" in pool:
+        return judge_metrics(records, judge, **kw)[pool["rate"]]
+    return estimate([r["judges"].get(judge, {}).get("refused") for r in records], **kw)
+
+
 def arm_metrics(root: Path, runs: list[dict], judge: str, num_resamples: int, level: float, seed: int) -> dict[str, ArmMetric]:
     """Per metric, the arm's seeds summarised; `runs` are its finished runs (seed, eval_dir under `root`)."""
     per_seed = {r["seed"]: run_metrics(json.loads((root / r["eval_dir"] / "report.json").read_text()), judge) for r in runs}
-    records = {r["seed"]: read_records(root / r["eval_dir"] / "responses.jsonl") for r in runs}
+    dirs = {r["seed"]: root / r["eval_dir"] for r in runs}
     seeds = sorted(per_seed)
     out = {}
     for key in dict.fromkeys(k for s in seeds for k in per_seed[s]):
@@ -117,10 +127,10 @@ def arm_metrics(root: Path, runs: list[dict], judge: str, num_resamples: int, le
         first = per_seed[seeds[0]][key]
         estimates = [per_seed[s][key]["estimate"] for s in seeds]
         values, lows, highs = ([_nan(e[f]) for e in estimates] for f in ("value", "low", "high"))
-        if "rate" in first:  # per-response verdicts are in responses.jsonl: bootstrap them together
-            prompt_set = key.split(": ")[0]
-            pooled_records = [rec for s in seeds for rec in records[s] if rec["set"] == prompt_set]
-            pooled = judge_metrics(pooled_records, judge, num_resamples, level, seed)[first["rate"]]
+        pool = first.get("pool")
+        if pool is not None and all((dirs[s] / pool["file"]).is_file() for s in seeds):
+            records = [rec for s in seeds for rec in read_records(dirs[s] / pool["file"])]
+            pooled = pooled_estimate(records, pool, judge, num_resamples=num_resamples, level=level, seed=seed)
             pooled_kind, pooled_values = "responses", (pooled.value, pooled.low, pooled.high)
         else:
             pooled_kind, pooled_values = "envelope", (statistics.fmean(values), min(lows), max(highs))
