@@ -13,6 +13,7 @@ import torch
 
 from lit_align.cli import main
 from lit_align.data.datamodule import AlignDataModule
+from lit_align.data.rerank import ReRanker
 from lit_align.models import PolicyConfig
 from lit_align.probes import ConfidenceReRanker, HybridProbe
 
@@ -133,6 +134,18 @@ def test_a_module_that_reads_no_decision_refuses_a_reranker(tiny_model_dir, shar
     with pytest.raises(ValueError, match=r"decides from probe scores, which ProbeModule does not compute, so no pair "
                                          r"would be re-ranked: remove data.reranker"):
         fit(module, shared_data, ConfidenceReRanker("soft"), tmp_path)
+
+
+def test_label_smoothing_replaced_by_the_rerankers_gamma_is_refused(tiny_model_dir, probe_file):
+    from lit_align.modules.dpo import DPOModule
+
+    module = DPOModule(PolicyConfig(name_or_path=str(tiny_model_dir)), loss_type="conservative", label_smoothing=0.1,
+                       probe_path=probe_file)
+    with pytest.raises(ValueError, match=r"model.label_smoothing=0.1 would not act in training: the re-ranker's γ "
+                                         r"replaces 1 − label_smoothing .*; remove model.label_smoothing"):
+        module.check_reranker(ConfidenceReRanker("soft"))
+    DPOModule(PolicyConfig(name_or_path=str(tiny_model_dir)), loss_type="conservative",
+              label_smoothing=0.1).check_reranker(ReRanker())  # cDPO without a re-ranker: fine
 
 
 def test_resuming_a_co_trained_probe_without_co_training_is_refused(tiny_model_dir):

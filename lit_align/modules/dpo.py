@@ -159,6 +159,11 @@ class DPOModule(AlignModule):
             ignored_hint=f"model.loss_type={self.loss_type!r} ignores the confidence γ (only 'conservative' "
             "reads it): set model.loss_type: conservative, or use action: flip or action: drop",
         )
+        if self.loss_type == "conservative" and self.label_smoothing and "confidence" in reranker.effects():
+            raise ValueError(
+                f"model.label_smoothing={self.label_smoothing} would not act in training: the re-ranker's γ replaces "
+                "1 − label_smoothing as the conservative loss's confidence; remove model.label_smoothing"
+            )
 
     # ------------------------------------------------------------------ optimisers
     def parameter_groups(self) -> list[dict]:
