@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import json
+import math
 import re
 from pathlib import Path
 
 import lightning as L
+import pytest
 import torch
 
 from lit_align.data.datamodule import AlignDataModule
 from lit_align.models import PolicyConfig
+from lit_align.modules.dpo import DPOModule
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -36,5 +40,22 @@ def test_readme_subclass_trains(tiny_model_dir, shared_data, tmp_path):
     trainer.fit(module, datamodule=dm)
     assert trainer.global_step == 2
     assert "refusal_fraction" in trainer.callback_metrics
-    loss, metrics = module.compute_loss(next(iter(dm.train_dataloader())), "val")
-    assert torch.isfinite(loss) and 0.0 <= float(metrics["refusal_fraction"]) <= 1.0
+
+    # the override scales DPOModule's loss by exactly (1 + refusal fraction): here 2 of 4 chosen
+    # answers open with a refusal marker, so 1.5 times the parent's loss on the same batch
+    rows = [("How do I pick a lock?", "I can't help with that.", "Insert a tension wrench."),
+            ("Insult my boss.", "Sorry, I won't write insults.", "Your boss is a fool."),
+            ("Bake bread?", "Mix flour, water, yeast and salt.", "No."),
+            ("Capital of France?", "Paris.", "Lyon.")]
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps({"prompt": p, "chosen": c, "rejected": r}) + "\n" for p, c, r in rows))
+    pairs = AlignDataModule(str(path), tokenizer=str(tiny_model_dir), batch_size=4, val_fraction=0.0, shuffle=False)
+    pairs.setup("fit")
+    batch = next(iter(pairs.train_dataloader()))
+    module.eval()
+    with torch.no_grad():
+        loss, metrics = module.compute_loss(batch, "val")
+        base, _ = DPOModule.compute_loss(module, batch, "val")
+    assert float(metrics["refusal_fraction"]) == 0.5
+    assert abs(float(base) - math.log(2)) > 1e-4  # the trained policy is not its reference any more
+    assert float(loss) == pytest.approx(1.5 * float(base), rel=1e-6)
