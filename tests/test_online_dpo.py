@@ -170,3 +170,26 @@ def test_online_dpo_needs_prompts_mode(tiny_model_dir, probe_file, shared_data, 
     pairs.write_text("".join(json.dumps({"prompt": f"q{i}", "chosen": "a", "rejected": "b"}) + "\n" for i in range(4)))
     with pytest.raises(ValueError, match="set data.mode: prompts"):
         trainer(tmp_path, [], max_steps=1, limit_val_batches=0).fit(make_module(tiny_model_dir, probe_file), datamodule=make_data(str(pairs), mode="preference"))
+
+
+def test_online_dpo_with_lora_samples_and_scores_through_the_adapters(tiny_model_dir, probe_file, prompts_file, tmp_path):
+    """LoRA policy, the base (adapters off) as reference: the sampler and the probe read the adapted model."""
+    from lit_align.models import LoraArgs
+
+    policy = PolicyConfig(name_or_path=str(tiny_model_dir), lora=LoraArgs(r=4, alpha=8, dropout=0.0, target_modules="all-linear"))
+    module = OnlineDPOModule(
+        policy, probe_file, num_candidates=4, sampling=SAMPLING, sampling_seed=0, reference="lora_base", sft_weight=1.0,
+        export_dir=str(tmp_path / "export"), optimizer=lambda p: torch.optim.AdamW(p, lr=5e-2),
+    )
+    recorder = Recorder()
+    trainer(tmp_path, [recorder], max_steps=3, limit_val_batches=0).fit(module, datamodule=make_data(prompts_file))
+    lora = {k: v for k, v in recorder.steps[2]["weights"].items() if "lora_B" in k}
+    assert lora and any(v.abs().sum() > 0 for v in lora.values())  # B starts at zero: the adapters trained
+    # step 2's candidates are what the adapted weights of step 2 sample (merged into a plain model to check)
+    fresh = load_causal_lm(policy)
+    fresh.load_state_dict(recorder.steps[2]["weights"])
+    merged = fresh.merge_and_unload().eval()
+    step = recorder.steps[2]
+    again = LeanGenerator(merged, load_tokenizer(policy)).generate_ids(step["ids"], step["mask"], SAMPLING, 4, step["seed"])
+    assert [c[: int(m.sum())].tolist() for c, m in zip(again.completion_ids, again.completion_mask)] == step["candidates"]
+    assert (tmp_path / "export" / "config.json").is_file() and module.generated_tokens > 0
