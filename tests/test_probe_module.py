@@ -61,7 +61,9 @@ def test_probe_module_labeled_beats_chance_and_reuses_features(config_root, shar
         torch.testing.assert_close(probe(module.features["val"]["text"]), module.probe.cpu()(module.features["val"]["text"]))
     table = (tmp_path / "run1" / "per_layer_auroc.csv").read_text().splitlines()
     assert table[0] == "layer,probe_layer_auroc,mean_diff_auroc" and [r.split(",")[0] for r in table[1:]] == ["1", "2", "all"]
-    assert (tmp_path / "run1" / "per_layer_auroc.md").read_text().count("\n") >= 5
+    check_per_layer_table(table, probe, module)
+    md = (tmp_path / "run1" / "per_layer_auroc.md").read_text().splitlines()
+    assert md[-1].startswith("| all | ") and f"{float(table[-1].split(',')[1]):.3f}" in md[-1]
 
     again = fit(config_root, tmp_path / "run2", tmp_path / "cache", tiny_model_dir, *common, "--trainer.max_epochs=1")
     assert again.model.reused == {"train/text": True, "val/text": True}
@@ -97,3 +99,31 @@ def test_probe_module_rejects_bad_settings(tiny_model_dir):
         ProbeModule(backbone, layers=[5])
     with pytest.raises(ValueError, match="model.loss='hinge'"):
         ProbeModule(backbone, loss="hinge")
+
+
+def rank_auroc(scores: torch.Tensor, labels: torch.Tensor) -> float:
+    """P(score of a label-1 row > score of a label-0 row), ties counting one half (Mann-Whitney)."""
+    pos, neg = scores[labels == 1].double(), scores[labels == 0].double()
+    wins = (pos[:, None] > neg[None, :]).double() + 0.5 * (pos[:, None] == neg[None, :]).double()
+    return float(wins.mean())
+
+
+def check_per_layer_table(table: list[str], probe, module) -> None:
+    """The CSV's numbers against AUROCs computed here by rank counting: the probe's own score per
+    layer, s_l = w_l · (h_l − μ_l) / σ_l + b_l, the whole probe for "all", and the mean-difference
+    direction μ_safe − μ_unsafe of each layer's standardised training features."""
+    train, train_labels = module.features["train"]["text"].double(), module.labels["train"]
+    val, val_labels = module.features["val"]["text"].double(), module.labels["val"]
+    rows = [line.split(",") for line in table[1:]]
+    for i, (layer, probe_auroc, mean_diff_auroc) in enumerate(rows[:-1]):
+        h = (val[:, i] - probe.feature_mean[i].double()) / probe.feature_std[i].double()
+        own = h @ probe.weight[i].detach().double() + float(probe.bias[i])
+        assert float(probe_auroc) == pytest.approx(rank_auroc(own, val_labels), abs=1e-6), layer
+        mean, std = train[:, i].mean(0), train[:, i].std(0).clamp(min=1e-6)
+        standard = (train[:, i] - mean) / std
+        direction = standard[train_labels == 1].mean(0) - standard[train_labels == 0].mean(0)
+        baseline = ((val[:, i] - mean) / std) @ direction
+        assert float(mean_diff_auroc) == pytest.approx(rank_auroc(baseline, val_labels), abs=1e-6), layer
+    with torch.no_grad():
+        full = probe(module.features["val"]["text"])
+    assert float(rows[-1][1]) == pytest.approx(rank_auroc(full, val_labels), abs=1e-6)
