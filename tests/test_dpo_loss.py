@@ -25,12 +25,29 @@ def test_sigmoid_and_conservative_by_hand():
     assert losses.item() == pytest.approx(-gamma * math.log(sig) - (1 - gamma) * math.log(1 - sig))
 
 
-def test_conservative_with_full_confidence_is_dpo():
+@pytest.mark.parametrize("gamma", [0.0, 0.3, 0.7, 1.0])
+def test_conservative_with_full_confidence_is_dpo(gamma):
+    """cDPO against its closed form −γ log σ(βz) − (1−γ) log σ(−βz), computed here in float64
+    with math.log / math.exp, for a scalar γ and the same γ given per pair; at γ = 1 it is DPO
+    and at γ = 0 DPO with the pair swapped."""
     g = torch.Generator().manual_seed(0)
-    logps = [torch.randn(6, generator=g) * 5 for _ in range(4)]
-    dpo, _, _ = dpo_loss(*logps, beta=0.1, loss_type="sigmoid")
-    cdpo, _, _ = dpo_loss(*logps, beta=0.1, loss_type="conservative", confidence=torch.ones(6))
-    torch.testing.assert_close(dpo, cdpo)
+    logps = [torch.randn(6, generator=g, dtype=torch.float64) * 5 for _ in range(4)]
+    pc, pr, rc, rr = logps
+    beta = 0.1
+    expected = []
+    for i in range(6):
+        z = (pc[i].item() - rc[i].item()) - (pr[i].item() - rr[i].item())
+        sig = 1 / (1 + math.exp(-beta * z))
+        expected.append(-gamma * math.log(sig) - (1 - gamma) * math.log(1 - sig))
+    expected = torch.tensor(expected, dtype=torch.float64)
+    scalar, _, _ = dpo_loss(*logps, beta=beta, loss_type="conservative", confidence=gamma)
+    per_pair, _, _ = dpo_loss(*logps, beta=beta, loss_type="conservative", confidence=torch.full((6,), gamma, dtype=torch.float64))
+    torch.testing.assert_close(scalar, expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(per_pair, expected, rtol=1e-12, atol=1e-12)
+    if gamma == 1.0:
+        torch.testing.assert_close(scalar, dpo_loss(*logps, beta=beta, loss_type="sigmoid")[0])
+    if gamma == 0.0:
+        torch.testing.assert_close(scalar, dpo_loss(pr, pc, rr, rc, beta=beta, loss_type="sigmoid")[0])
 
 
 def test_unknown_loss_type_is_named():
