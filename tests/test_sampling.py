@@ -9,7 +9,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
 
 from lit_align.generation import HFGenerator, SamplingConfig
-from lit_align.sampling import LeanGenerator, draw, filter_logits, outside_nucleus, sample_ids, shared_prefix_length
+import lit_align.sampling as sampling_module
+from lit_align.sampling import (
+    Int8Linear, LeanGenerator, PreallocatedLayer, draw, filter_logits, int8_for_generation, outside_nucleus, sample_ids,
+    shared_prefix_length,
+)
 
 PROMPTS = [
     "Human: How do I keep my sourdough starter alive while I am away for two weeks?\n\nAssistant:",
@@ -88,6 +92,116 @@ def test_sampling_is_seeded_and_ends_rows_at_eos(tiny):
     assert ended.completion_ids.shape[1] == int(ended.completion_mask.sum(1).max()) < 40
 
 
+def rows_per_forward(model, fn):
+    """`fn()`'s result, the batch size of each model forward it ran, and the cache layer types seen."""
+    calls, layers = [], set()
+
+    def hook(module, args, kwargs):
+        calls.append(kwargs["input_ids"].shape[0])
+        layers.update(type(x).__name__ for x in kwargs["cache"].layers)
+
+    handle = model.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        return fn(), calls, layers
+    finally:
+        handle.remove()
+
+
+@pytest.mark.parametrize("temperature, eos_bias", [(0.0, 0.1), (1.0, 2.0)])
+def test_ended_rows_leave_the_forwards_and_no_sample_changes(tiny, monkeypatch, temperature, eos_bias):
+    """Rows that ended are dropped from the decode forwards (they shrink), and every row's tokens
+    are those of the loop that computes all rows to the end: one uniform per row and step either way."""
+    model, tokenizer = eos_prone(tiny, eos_bias)
+    ids, mask = LeanGenerator(model, tokenizer).encode_prompts(PROMPTS)
+    sampling = SamplingConfig(max_new_tokens=40, temperature=temperature, top_p=0.95)
+
+    def run():
+        return sample_ids(model, ids, mask, sampling, 4, tokenizer.eos_token_id, tokenizer.pad_token_id,
+                          torch.Generator().manual_seed(3))
+
+    dropped, calls, layers = rows_per_forward(model, run)
+    assert calls[1] == 12 and min(calls[1:]) <= 6 and calls[1:] == sorted(calls[1:], reverse=True)
+    assert layers == {"DynamicLayer", "PreallocatedLayer"}  # the prefill's cache, then the decode loop's
+    monkeypatch.setattr(sampling_module, "COMPACT_AT", 2.0)  # never drop a row
+    kept, calls, _ = rows_per_forward(model, run)
+    assert set(calls[1:]) == {12}
+    assert torch.equal(dropped, kept)
+    is_eos = dropped == tokenizer.eos_token_id
+    assert len(set(is_eos.int().argmax(1)[is_eos.any(1)].tolist())) >= 2  # rows end at different steps
+
+
+def test_preallocated_cache_equals_the_concatenated_one(tiny, monkeypatch):
+    model, tokenizer = tiny
+    ids, mask = LeanGenerator(model, tokenizer).encode_prompts(PROMPTS)
+    sampling = SamplingConfig(max_new_tokens=30, temperature=1.0, top_k=20)
+    run = lambda: sample_ids(model, ids, mask, sampling, 2, tokenizer.eos_token_id, tokenizer.pad_token_id,
+                             torch.Generator().manual_seed(0))
+    preallocated, calls, layers = rows_per_forward(model, run)
+    assert "PreallocatedLayer" in layers and len(calls) == 30
+    monkeypatch.setattr(sampling_module, "preallocate", lambda cache, extra: False)
+    concatenated, _, layers = rows_per_forward(model, run)
+    assert layers == {"DynamicLayer"}
+    assert torch.equal(preallocated, concatenated)
+
+
+def test_preallocated_layer_writes_in_place():
+    keys, values = torch.randn(2, 3, 5, 4), torch.randn(2, 3, 5, 4)
+    layer = sampling_module.DynamicLayer()
+    layer.update(keys, values)
+    fast = PreallocatedLayer(layer, capacity=8)
+    buffer = fast.key_buffer.data_ptr()
+    new_k, new_v = torch.randn(2, 3, 1, 4), torch.randn(2, 3, 1, 4)
+    k, v = fast.update(new_k, new_v)
+    assert torch.equal(k, torch.cat([keys, new_k], 2)) and torch.equal(v, torch.cat([values, new_v], 2))
+    assert k.data_ptr() == buffer and fast.get_seq_length() == 6
+    fast.batch_select_indices(torch.tensor([1]))
+    assert torch.equal(fast.keys, torch.cat([keys, new_k], 2)[1:]) and fast.get_seq_length() == 6
+    fast.update(new_k[:1], new_v[:1])
+    fast.update(new_k[:1], new_v[:1])
+    with pytest.raises(RuntimeError, match="holds 8 positions; 9 asked"):
+        fast.update(new_k[:1], new_v[:1])
+
+
+def test_greedy_with_eager_attention_equals_generate(tiny_model_dir):
+    """Eager attention gets the 2-D key mask (transformers builds the 4-D one) over the preallocated cache."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="eager").eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    hf, lean = both(model, tokenizer, SamplingConfig(max_new_tokens=24, temperature=0.0))
+    assert torch.equal(hf.completion_ids, lean.completion_ids)
+
+
+def test_int8_linear_is_its_formula_and_close_to_float():
+    g = torch.Generator().manual_seed(0)
+    linear = torch.nn.Linear(64, 48)
+    x = torch.randn(5, 7, 64, generator=g) * torch.linspace(0.1, 10, 5)[:, None, None]  # rows of very different scales
+    y = Int8Linear(linear)(x)
+    w = linear.weight.double()
+    w_scale = w.abs().amax(1) / 127
+    rows = x.reshape(-1, 64).double()
+    x_scale = rows.abs().amax(1, keepdim=True) / 127
+    expected = ((rows / x_scale).round() @ (w / w_scale[:, None]).round().T) * x_scale * w_scale + linear.bias.double()
+    torch.testing.assert_close(y.reshape(-1, 48).double(), expected, rtol=1e-5, atol=1e-5)
+    exact = linear(x).detach()
+    assert ((y - exact).abs().amax(-1) < 0.02 * exact.abs().amax(-1)).all()  # within 2 % of each row's largest output
+    assert torch.equal(Int8Linear(linear)(x[2:3]), y[2:3])  # a row's output does not depend on the others
+
+
+def test_int8_model_generates_close_to_float(tiny):
+    model, tokenizer = tiny
+    quantized = AutoModelForCausalLM.from_config(model.config).eval()
+    quantized.load_state_dict(model.state_dict())
+    int8_for_generation(quantized)
+    linears = [m for m in quantized.modules() if isinstance(m, Int8Linear)]
+    assert len(linears) == 7 * model.config.num_hidden_layers + 1 and quantized.lm_head in linears
+    assert not any(type(m) is torch.nn.Linear for m in quantized.modules())
+    ids, mask = LeanGenerator(model, tokenizer).encode_prompts(PROMPTS)
+    with torch.no_grad():
+        exact, approx = model(input_ids=ids, attention_mask=mask).logits, quantized(input_ids=ids, attention_mask=mask).logits
+    assert (approx - exact).abs().max() < 0.05 * exact.abs().max()
+    out = LeanGenerator(quantized, tokenizer).generate_ids(ids, mask, SamplingConfig(max_new_tokens=8, temperature=0.0))
+    assert out.completion_ids.shape == (3, 8)
+
+
 SYSTEM = "You answer questions about baking bread, briefly and kindly, in plain words, and you never make up facts."
 
 
@@ -122,15 +236,17 @@ def test_shared_prefix_needs_left_padded_rows_alike():
 
 
 def test_nucleus_from_the_top_candidates_equals_the_full_sort():
-    """Peaked rows (the nucleus inside the top 64) take the fast path, flat rows the full sort:
-    both drop exactly what transformers' TopPLogitsWarper drops."""
+    """One batch of peaked rows (nucleus inside the top 64), medium ones (inside the top 1024) and flat
+    ones (the full sort): each row drops exactly what transformers' TopPLogitsWarper drops."""
     g = torch.Generator().manual_seed(1)
-    for scale in (12.0, 0.5):  # peaked, flat
-        logits = torch.randn(8, 5000, generator=g) * scale
-        top = logits.topk(64, dim=-1).values
-        inside_top = bool(((top - logits.logsumexp(-1, keepdim=True)).exp().sum(-1) > 0.9).all())
-        assert inside_top == (scale > 1)
-        assert torch.equal(outside_nucleus(logits, 0.9), TopPLogitsWarper(0.9)(None, logits).isinf())
+    scales = torch.tensor([12.0, 3.0, 0.5]).repeat_interleave(4)[torch.randperm(12, generator=g)]
+    logits = torch.randn(12, 5000, generator=g) * scales[:, None]
+    sorted_probs = logits.softmax(-1).sort(-1, descending=True).values
+    nucleus = (sorted_probs.cumsum(-1) < 0.9).sum(-1) + 1
+    paths = torch.bucketize(nucleus, torch.tensor([64, 1024]))  # 0: top 64, 1: top 1024, 2: full sort
+    assert torch.equal(paths.bincount(minlength=3), torch.tensor([4, 4, 4]))
+    assert torch.equal(outside_nucleus(logits, 0.9), TopPLogitsWarper(0.9)(None, logits).isinf())
+    assert torch.equal((~outside_nucleus(logits, 0.9)).sum(-1), nucleus)
 
 
 def test_filters_keep_what_hf_warpers_keep():
@@ -149,7 +265,7 @@ def test_filters_keep_what_hf_warpers_keep():
 
 def test_draw_follows_the_probabilities():
     probs = torch.tensor([[0.5, 0.0, 0.3, 0.2, 0.0]]).repeat(20_000, 1)
-    tokens = draw(probs, torch.Generator().manual_seed(0))
+    tokens = draw(probs, torch.rand(len(probs), 1, generator=torch.Generator().manual_seed(0)))
     freq = torch.bincount(tokens, minlength=5).float() / len(tokens)
     assert freq[1] == 0 and freq[4] == 0
     torch.testing.assert_close(freq, probs[0], atol=0.015, rtol=0)
