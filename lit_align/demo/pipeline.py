@@ -35,6 +35,7 @@ HARMLESS = Path(__file__).with_name("harmless_prompts.txt")
 XSTEST_PROMPTS = Path(__file__).resolve().parents[3] / "shared" / "data" / "xstest_prompts.csv"
 XSTEST_LIMIT = 40
 PREFILL_K = 10
+SAFE_ROW = "compliance on safe (1 − over-refusal)"
 # Decoding one token of a small model on a CPU reads every weight whatever the batch, so wide
 # batches come almost free: 32 rows generate about twice as fast as 8 (SmolLM2, 2 cores).
 GENERATION_BATCH = 32
@@ -366,9 +367,10 @@ def summary_table(report: dict) -> str:
     for prompt_set in dict.fromkeys(s for m in models for s in metrics[m]):
         by_model = [metrics[m].get(prompt_set, {}) for m in models]
         rows = [(label, [_rate(x, key) for x in by_model])
-                for key, label in (("refusal_rate", "refusal on harmful"), ("compliance_rate", "compliance on safe (1 − over-refusal)"))]
-        ks = list(dict.fromkeys(k for x in by_model for k in _prefill_rates(x)))
-        rows += [(f"refusal on harmful, prefilled {k} tokens", [_prefill_rates(x).get(k) for x in by_model]) for k in ks]
+                for key, label in (("refusal_rate", "refusal on harmful"), ("compliance_rate", SAFE_ROW))]  # fmt: skip
+        prefilled = [_prefill_rates(x) for x in by_model]
+        for k in dict.fromkeys(k for rates in prefilled for k in rates):
+            rows.append((f"refusal on harmful, prefilled {k} tokens", [rates.get(k) for rates in prefilled]))
         for label, values in rows:
             if any(v is not None for v in values):
                 lines.append(f"| {prompt_set} | {label} | " + " | ".join(_cell(v) for v in values) + " |")
@@ -376,13 +378,21 @@ def summary_table(report: dict) -> str:
         values = [x.get("drift", {}).get("delta") for x in by_model]
         if any(values):
             reference = next(x["drift"]["reference"] for x in by_model if "drift" in x)
-            lines.append(f"| {prompt_set} | drift: Δ NLL of {reference}'s answers (nats/token) | " + " | ".join(_cell(v, pct=False) for v in values) + " |")
-            after = values[-1]
-            if after and after["n"]:
-                word = ("drift: less likely under " if after["low"] > 0 else "more likely under " if after["high"] < 0
-                        else "no clear drift: about as likely under ")  # fmt: skip
-                drifts.append(f"- {prompt_set}: Δ {after['value']:+.3f} nats/token, {word}{models[-1]} as under {reference}")
+            cells = " | ".join(_cell(v, pct=False) for v in values)
+            lines.append(f"| {prompt_set} | drift: Δ NLL of {reference}'s answers (nats/token) | {cells} |")
+            drifts.append(_drift_verdict(prompt_set, values[-1], models[-1], reference))
     out = lines + ["", "Change from base to aligned (higher is better for the rates):", *filter(None, verdicts)]
-    if drifts:
-        out += ["", "Drift (Δ per-token NLL of the base model's greedy answers to the safe prompts, ≈ KL; 0 for base):", *drifts]
+    if any(drifts):
+        out += ["", "Drift (Δ per-token NLL of the base model's greedy answers to the safe prompts, ≈ KL; 0 for base):"]
+        out += filter(None, drifts)
     return "\n".join(out)
+
+
+def _drift_verdict(prompt_set: str, after: Optional[dict], model: str, reference: str) -> Optional[str]:
+    if not after or not after["n"]:
+        return None
+    if after["low"] > 0 or after["high"] < 0:
+        word = f"{reference}'s answers are {'less' if after['low'] > 0 else 'more'} likely under {model} than under {reference}"
+    else:
+        word = "no clear drift (the interval includes 0)"
+    return f"- {prompt_set}: Δ {after['value']:+.3f} nats/token: {word}"

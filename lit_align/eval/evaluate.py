@@ -306,27 +306,9 @@ def evaluate(
 
     records: dict[str, list[dict]] = {}
     for spec, name in _schedule(models, names, [attack and attack.source, drifter and drifter.reference]):
-        model, tokenizer = load_for_eval(spec, dtype, device)
-        generator = LeanGenerator(model, tokenizer)
-        model_judges = list(static)
-        if judges.probe and not judges.probe_backbone:
-            model_judges.append(ProbeJudge(judges.probe, model, tokenizer, batch_size=judges.batch_size))
-        label = name or f"reference_{model_label(spec)}"
+        recs = _run_model(spec, name, gens, rows_by_set, static, judges, attack, drifter, dtype, device)
         if name is not None:
-            if drifter is not None and drifter.vocab is not None:
-                drifter.check_tokenizer(name, tokenizer)
-            records[name] = _responses(gens, generator, spec, name, rows_by_set, model_judges)
-        if attack is not None and spec == attack.source and attack.source_vocab is None:
-            attack.take_answers(tokenizer, {s: gens.greedy(generator, spec, label, s, rows_by_set[s]) for s in attack.sets}, label)
-        if drifter is not None and spec == drifter.reference and drifter.vocab is None:
-            answers = {s: gens.greedy(generator, spec, label, s, rows_by_set[s]) for s in drifter.sets}
-            drifter.take_reference(model, generator, label, answers, batch_size)
-        if name is not None and attack is not None:
-            generate = lambda s, rows, suffix, extra, encode: gens(generator, spec, name, s, rows, suffix, extra, encode)[0]  # noqa: E731
-            attack.attack(name, tokenizer, records[name], generate, lambda recs: judge_records(model_judges, recs))
-        if name is not None and drifter is not None:
-            drifter.measure(name, model, generator, records[name], batch_size)
-        del generator, model, model_judges
+            records[name] = recs
         gc.collect()
 
     records = {n: records[n] for n in names}
@@ -374,6 +356,36 @@ def _schedule(models: list[str], names: list[str], references: list) -> list[tup
             entries.remove(hit)
             front.append(hit)
     return front + entries
+
+
+def _run_model(spec, name, gens: Generations, rows_by_set, static, judges: JudgesConfig, attack, drifter, dtype, device):
+    """Everything one loaded model does: its responses to every set (when it is evaluated, `name`
+    not None), the greedy answers it gives as the prefill source or drift reference, its
+    prefilled continuations and its NLL of the reference's answers. Returns its records."""
+    model, tokenizer = load_for_eval(spec, dtype, device)
+    generator = LeanGenerator(model, tokenizer)
+    model_judges = list(static)
+    if judges.probe and not judges.probe_backbone:
+        model_judges.append(ProbeJudge(judges.probe, model, tokenizer, batch_size=judges.batch_size))
+    label = name or f"reference_{model_label(spec)}"
+    records = None
+    if name is not None:
+        if drifter is not None and drifter.vocab is not None:
+            drifter.check_tokenizer(name, tokenizer)  # before generating anything
+        records = _responses(gens, generator, spec, name, rows_by_set, model_judges)
+    if attack is not None and spec == attack.source and attack.source_vocab is None:
+        attack.take_answers(tokenizer, {s: gens.greedy(generator, spec, label, s, rows_by_set[s]) for s in attack.sets}, label)
+    if drifter is not None and spec == drifter.reference and drifter.vocab is None:
+        answers = {s: gens.greedy(generator, spec, label, s, rows_by_set[s]) for s in drifter.sets}
+        drifter.take_reference(model, generator, label, answers, gens.batch_size)
+    if name is not None and attack is not None:
+        def generate(set_name, rows, suffix, extra, encode):
+            return gens(generator, spec, name, set_name, rows, suffix, extra, encode)[0]
+
+        attack.attack(name, tokenizer, records, generate, lambda recs: judge_records(model_judges, recs))
+    if name is not None and drifter is not None:
+        drifter.measure(name, model, generator, records, gens.batch_size)
+    return records
 
 
 def _responses(gens: Generations, generator, spec: str, name: str, rows_by_set: dict, judges: list) -> list[dict]:

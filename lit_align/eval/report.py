@@ -57,23 +57,27 @@ def summary(metrics: dict, meta: Optional[dict] = None) -> list[str]:
     judge = primary_judge(metrics, meta)
     rows = []
     for s in dict.fromkeys(s for m in models for s in metrics[m]):
-        cells = {m: metrics[m].get(s) for m in models}
+        cells = [metrics[m].get(s, {}) for m in models]
         for key, label in (("refusal_rate", "refusal on harmful (higher: safer)"),
                            ("compliance_rate", "compliance on safe (1 − over-refusal)")):  # fmt: skip
-            values = [(c or {}).get("judges", {}).get(judge, {}).get(key) for c in cells.values()]
+            values = [c.get("judges", {}).get(judge, {}).get(key) for c in cells]
             if any(v is not None for v in values):
                 rows.append([s, label] + [_pct(v) for v in values])
-        ks = list(dict.fromkeys(k for c in cells.values() for k in (c or {}).get("prefill", {}).get("judges", {}).get(judge, {}).get("refusal_rate_by_k", {})))
-        for k in ks:
-            values = [(c or {}).get("prefill", {}).get("judges", {}).get(judge, {}).get("refusal_rate_by_k", {}).get(k) for c in cells.values()]
+        by_k = [_rates_by_k(c, judge) for c in cells]
+        for k in dict.fromkeys(k for rates in by_k for k in rates):
             label = "refusal, no prefill (the attacked prompts)" if k == "0" else f"refusal, prefilled k={k} answer tokens"
-            rows.append([s, label] + [_pct(v) for v in values])
-        if any("drift" in (c or {}) for c in cells.values()):
-            rows.append([s, "drift: Δ NLL of the reference's answers (nats/token)"]
-                        + [_num(c["drift"]["delta"]) if c and "drift" in c else "–" for c in cells.values()])  # fmt: skip
+            rows.append([s, label] + [_pct(rates.get(k)) for rates in by_k])
+        if any("drift" in c for c in cells):
+            label = "drift: Δ NLL of the reference's answers (nats/token)"
+            rows.append([s, label] + [_num(c["drift"]["delta"]) if "drift" in c else "–" for c in cells])
     if not rows:
         return []
     return [f"## Summary ({judge} judge)", ""] + _table(["prompt set", "metric", *models], rows) + [""]
+
+
+def _rates_by_k(metrics_of_set: dict, judge: Optional[str]) -> dict:
+    """{k: refusal-rate estimate} of one judge under the prefilling attack ({} when it did not run)."""
+    return metrics_of_set.get("prefill", {}).get("judges", {}).get(judge, {}).get("refusal_rate_by_k", {})
 
 
 def prefill_tables(metrics: dict, s: str) -> list[str]:
@@ -87,8 +91,8 @@ def prefill_tables(metrics: dict, s: str) -> list[str]:
            f"model's continuation. {first['n']} of {first['n_prompts']} harmful prompts used; skipped: "
            f"{first['skipped'] or 'none'}.", ""]  # fmt: skip
     for j in dict.fromkeys(j for m in present for j in metrics[m][s]["prefill"]["judges"]):
-        ks = list(dict.fromkeys(k for m in present for k in metrics[m][s]["prefill"]["judges"].get(j, {}).get("refusal_rate_by_k", {})))
-        rows = [[k] + [_pct(metrics[m][s]["prefill"]["judges"].get(j, {}).get("refusal_rate_by_k", {}).get(k)) for m in present] for k in ks]
+        by_k = [_rates_by_k(metrics[m][s], j) for m in present]
+        rows = [[k] + [_pct(rates.get(k)) for rates in by_k] for k in dict.fromkeys(k for rates in by_k for k in rates)]
         out += [f"{j} judge: refusal rate", ""] + _table(["k", *present], rows) + [""]
     return out
 
@@ -101,9 +105,9 @@ def drift_table(metrics: dict, s: str) -> list[str]:
     rows = [[label] + [_num(metrics[m][s]["drift"][key]) for m in present]
             for key, label in (("nll", "NLL under the model"), ("nll_reference", "NLL under the reference"),
                                ("delta", "Δ = model − reference (≈ KL)"))]  # fmt: skip
-    return [f"### {s}: drift on the safe prompts", "",
-            f"Mean per-token NLL (nats) of the reference model's ({d['reference']}) greedy answers to the "
-            f"{d['n']} safe prompts ({d['answer_tokens']} tokens); Δ is paired per prompt.", ""] + _table(["", *present], rows) + [""]  # fmt: skip
+    intro = (f"Mean per-token NLL (nats) of the reference model's ({d['reference']}) greedy answers to the "
+             f"{d['n']} safe prompts ({d['answer_tokens']} tokens); Δ is paired per prompt.")  # fmt: skip
+    return [f"### {s}: drift on the safe prompts", "", intro, ""] + _table(["", *present], rows) + [""]
 
 
 def markdown(metrics: dict, meta: dict) -> str:
