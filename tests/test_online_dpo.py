@@ -22,16 +22,17 @@ SAMPLING = SamplingConfig(max_new_tokens=6, temperature=1.0)
 
 
 def test_pick_pairs_takes_best_and_worst_and_leaves_out_ties_and_identical_texts():
-    prompts = [[1], [2], [3]]
-    candidates = [[5], [6], [7], [8], [9], [9], [9], [9], [4], [4, 4], [4], [3]]
-    scores = torch.tensor([[0.1, 2.0, -1.0, 0.5], [1.0, 1.0, 1.0, 1.0], [0.3, 0.9, 0.2, 0.9]])
+    prompts = [[1], [2], [3], [4]]
+    candidates = [[5], [6], [7], [8], [9], [9], [9], [9], [4], [4, 4], [4], [3], [4], [4], [5], [4]]
+    scores = torch.tensor([[0.1, 2.0, -1.0, 0.5], [1.0, 1.0, 1.0, 1.0], [0.3, 0.9, 0.2, 0.9], [0.3, 0.9, 0.2, 0.1]])
     picked, left_out = pick_pairs(prompts, candidates, scores)
-    # prompt 0: best 1, worst 2; prompt 1: all tied (left out); prompt 2: best 9 (first max), worst 10
+    # prompt 0: best 1, worst 2; prompt 1: every score alike; prompt 2: best 9 (first max), worst 10;
+    # prompt 3: best 13 and worst 15 have the same text
     assert picked == [(0, 1, 2), (2, 9, 10)]
-    assert left_out == {"identical": 1, "small_margin": 0}  # prompt 1's candidates are one text
+    assert left_out == {"identical": 1, "small_margin": 1}
     picked, left_out = pick_pairs(prompts, candidates, scores, min_margin=1.0)
-    assert picked == [(0, 1, 2)] and left_out == {"identical": 1, "small_margin": 1}
-    with pytest.raises(ValueError, match="3 prompts and 11 candidates"):
+    assert picked == [(0, 1, 2)] and left_out == {"identical": 0, "small_margin": 3}  # margins 0.7 and 0.8 ≤ 1
+    with pytest.raises(ValueError, match="4 prompts and 15 candidates"):
         pick_pairs(prompts, candidates[:-1], scores)
 
 
@@ -163,6 +164,12 @@ def test_online_pairs_come_from_the_current_policy_every_epoch_and_train(tiny_mo
 def test_online_dpo_refuses_settings_that_cannot_work(tiny_model_dir, probe_file, kwargs, message):
     with pytest.raises(ValueError, match=message):
         make_module(tiny_model_dir, probe_file, **kwargs)
+
+
+def test_online_dpo_stops_on_a_probe_that_scores_everything_alike(tiny_model_dir, prompts_file, tmp_path):
+    untrained = str(HybridProbe(32, [1, 2]).save(tmp_path / "untrained.safetensors"))  # zero weights: every score 0
+    with pytest.raises(ValueError, match="gives every candidate of the batch the same score"):
+        trainer(tmp_path, [], max_steps=1, limit_val_batches=0).fit(make_module(tiny_model_dir, untrained), datamodule=make_data(prompts_file))
 
 
 def test_online_dpo_needs_prompts_mode(tiny_model_dir, probe_file, shared_data, tmp_path):

@@ -41,17 +41,18 @@ def pick_pairs(
     the highest and the lowest score; and counts of the prompts left out.
 
     `scores` is [B, k]; `candidates` holds the B·k completions prompt-major. A pair is left out
-    when its two texts are identical (`identical`) or s_w − s_l ≤ `min_margin` (`small_margin`)."""
+    when s_w − s_l ≤ `min_margin` (`small_margin`, e.g. every candidate scored alike) or its two
+    texts are identical (`identical`)."""
     num_prompts, k = scores.shape
     if len(prompt_ids) != num_prompts or len(candidates) != num_prompts * k:
         raise ValueError(f"pick_pairs: {len(prompt_ids)} prompts and {len(candidates)} candidates for scores of shape {tuple(scores.shape)}")
     best, worst = scores.argmax(1).tolist(), scores.argmin(1).tolist()
     picked, left_out = [], {"identical": 0, "small_margin": 0}
     for i, (w, l) in enumerate(zip(best, worst)):
-        if candidates[i * k + w] == candidates[i * k + l]:
-            left_out["identical"] += 1
-        elif float(scores[i, w] - scores[i, l]) <= min_margin:
+        if w == l or float(scores[i, w] - scores[i, l]) <= min_margin:
             left_out["small_margin"] += 1
+        elif candidates[i * k + w] == candidates[i * k + l]:
+            left_out["identical"] += 1
         else:
             picked.append((i, i * k + w, i * k + l))
     return picked, left_out
@@ -109,6 +110,7 @@ class OnlineDPOModule(DPOModule):
         self.sampling, self.sampling_seed, self.min_margin = sampling, sampling_seed, min_margin
         self.pair_probe = None
         self.generated_tokens = 0
+        self.batches_without_pairs = 0
         self.last_pairs: dict = {}
 
     # ------------------------------------------------------------------ set-up
@@ -167,6 +169,13 @@ class OnlineDPOModule(DPOModule):
         k = self.num_candidates
         scores = self.score_candidates([prompts[i // k] + c for i, c in enumerate(completions)]).view(len(prompts), k)
         picked, left_out = pick_pairs(prompts, completions, scores, self.min_margin)
+        distinct = any(len({tuple(c) for c in completions[i * k : (i + 1) * k]}) > 1 for i in range(len(prompts)))
+        if distinct and bool((scores.amax(1) == scores.amin(1)).all()):  # different texts, never a different score
+            raise ValueError(
+                f"OnlineDPOModule: the probe {self.pair_probe_path} gives every candidate of the batch the same score, so "
+                "no pair has a preference (a freshly built probe scores everything 0): train the probe first "
+                "(lit-align fit -c configs/probe.yaml)"
+            )
         index = batch["index"].tolist()
         self.last_pairs = {
             "index": index, "candidates": completions, "scores": scores,
@@ -195,7 +204,9 @@ class OnlineDPOModule(DPOModule):
         self.generated_tokens += int(stats["online/generated_tokens_batch"])
         stats["online/generated_tokens"] = float(self.generated_tokens)
         self.log_dict(stats, batch_size=len(batch["index"]))
-        if pairs is None:
+        if pairs is None:  # no update: Lightning still counts the step
+            self.batches_without_pairs += 1
+            self.log("online/batches_without_pairs", float(self.batches_without_pairs))
             log.warning("online DPO: every pair of batch %d was left out (%s); no update", batch_idx, stats)
             return None
         return super().training_step(pairs, batch_idx)
