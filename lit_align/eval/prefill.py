@@ -135,11 +135,11 @@ def answers_from_generation(gen: dict, rows: list[dict], where: str) -> dict[str
     }
 
 
-def answer_tokens(answer: Answer, tokenizer, source_vocab: Optional[dict], eos_token_id: Optional[int]) -> list[int]:
+def answer_tokens(answer: Answer, tokenizer, same_tokenizer: bool, eos_token_id: Optional[int]) -> list[int]:
     """The answer's token ids for this tokenizer, without the closing EOS: a model's own ids when
     the tokenizer is the one that wrote them (so the k tokens are exactly the generated ones);
     otherwise the text, tokenized."""
-    if answer.token_ids is not None and source_vocab is not None and tokenizer.get_vocab() == source_vocab:
+    if answer.token_ids is not None and same_tokenizer:
         ids = list(answer.token_ids)
         return ids[:-1] if ids and ids[-1] == eos_token_id else ids
     return tokenizer(answer.text, add_special_tokens=False)["input_ids"]
@@ -247,10 +247,11 @@ class PrefillAttack:
         cached generation of `lit_align.eval.evaluate`; `judge(records)` adds verdicts in place."""
         max_k = max(self.cfg.ks)
         self.results[name], self.records[name] = {}, []
+        same = self.source_vocab is not None and tokenizer.get_vocab() == self.source_vocab
         for s in self.sets:
             rows, skipped = attack_rows(
                 self.rows_by_set[s], self.answers, self.refused,
-                lambda a: answer_tokens(a, tokenizer, self.source_vocab, self.source_eos), max_k, self.cfg.on_bad_rows,
+                lambda a: answer_tokens(a, tokenizer, same, self.source_eos), max_k, self.cfg.on_bad_rows,
             )  # fmt: skip
             if not rows:
                 log.warning("prefill %s / %s: no prompt left to attack (%s)", name, s, dict(skipped))
@@ -266,7 +267,8 @@ class PrefillAttack:
                      "length_tokens": n, "truncated": cut, "judges": {}}
                     for r, text, n, cut in (zip(krows, gen["responses"], gen["length_tokens"], gen["truncated"]) if gen else [])
                 ]  # fmt: skip
-                judge(recs)
+                if recs:
+                    judge(recs)
                 by_k[k] = recs
                 self.records[name] += recs
             n_prompts = sum(1 for r in self.rows_by_set[s] if r["harmful"])

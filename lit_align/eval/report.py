@@ -190,6 +190,9 @@ def prefill_curve(metrics: dict, prompt_set: str, judge: str) -> Figure:
         ks, ests = zip(*sorted(points))
         err = [[e.value - e.low for e in ests], [e.high - e.value for e in ests]]
         ax.errorbar(ks, [e.value for e in ests], yerr=err, marker="o", capsize=3, label=m)
+    ks = sorted({int(k) for by_set in metrics.values()
+                 for k in by_set.get(prompt_set, {}).get("prefill", {}).get("judges", {}).get(judge, {}).get("refusal_rate_by_k", {})})  # fmt: skip
+    ax.set_xticks(ks)
     ax.set_ylim(-0.02, 1.05)
     ax.set_xlabel("prefilled answer tokens k")
     ax.set_ylabel("refusal rate")
