@@ -11,13 +11,17 @@ same order, float32, no gradient checkpointing, AdamW(lr=1e-6, weight_decay=0), 
 copy (full fine-tuning) or the adapter-disabled base (LoRA).
 
 What one timed step includes:
-* lit_align: from Lightning's `on_train_batch_start` to `on_train_batch_end` inside `Trainer.fit`:
-  the re-ranking hook, forward of policy and reference, loss, `self.log` of TRL's metrics,
-  backward, `optimizer.step()`, `zero_grad` (the batch is already collated).
+* lit_align: from the moment Lightning hands the collated batch to the DataModule
+  (`on_before_batch_transfer`) to `on_train_batch_end` inside `Trainer.fit`: the batch transfer
+  and the DataModule's re-ranking hook (`on_after_batch_transfer`; no re-ranker is configured
+  here, bench.rerank times one), forward of policy and reference, loss, `self.log` of TRL's
+  metrics, backward, `optimizer.step()`, `zero_grad`.
 * TRL: `trainer.training_step(model, inputs)` (input preparation, policy and reference forwards,
   loss, its metrics, backward) + `optimizer.step()` + `zero_grad` on the batch its collator built.
-The two alternate on every batch (TRL, then lit_align) so machine load hits both alike. Peak RSS
-is measured for each side alone in a fresh process running the same steps.
+Collation is outside both windows. The order alternates ABBA (TRL then lit_align on even
+batches, lit_align then TRL on odd ones), so that neither side always runs first (warm caches,
+the allocator's state) and machine load hits both alike. Peak RSS is measured for each side
+alone in a fresh process running the same steps.
 """
 
 from __future__ import annotations
@@ -47,8 +51,9 @@ def model_dir(config: str, work: Path) -> Path:
 
 
 # ---------------------------------------------------------------------------- the two sides
-def lit_side(config: str, path: Path, n_steps: int, packing: bool = True):
-    """DPOModule + AlignDataModule + a Lightning Trainer for `n_steps` steps (batch size, lengths: module globals)."""
+def lit_side(config: str, path: Path, n_steps: int, packing: bool = True, data_class=None):
+    """DPOModule + AlignDataModule (or `data_class`) + a Lightning Trainer for `n_steps` steps
+    (batch size, lengths: module globals)."""
     from lit_align.data.datamodule import AlignDataModule
     from lit_align.models import LoraArgs, PolicyConfig
     from lit_align.modules.dpo import DPOModule
@@ -61,7 +66,7 @@ def lit_side(config: str, path: Path, n_steps: int, packing: bool = True):
         optimizer=functools.partial(torch.optim.AdamW, lr=1e-6, weight_decay=0.0),
         packing=packing,
     )
-    data = AlignDataModule(
+    data = (data_class or AlignDataModule)(
         path=str(harness.require_data()),
         format="hh_rlhf",
         on_bad_rows="skip",
@@ -119,62 +124,96 @@ def trl_side(config: str, path: Path, work: Path):
 
 
 # ---------------------------------------------------------------------------- workers
+def timed_data_class():
+    """AlignDataModule that calls `before_transfer(batch)` when Lightning hands it a collated
+    batch, before the batch transfer and the re-ranking hook: where lit_align's window opens."""
+    from lit_align.data.datamodule import AlignDataModule
+
+    class TimedData(AlignDataModule):
+        before_transfer = None
+
+        def on_before_batch_transfer(self, batch, dataloader_idx):
+            if self.before_transfer is not None:
+                self.before_transfer(batch)
+            return super().on_before_batch_transfer(batch, dataloader_idx)
+
+    return TimedData
+
+
+def padded_stepper(config: str, path: Path, n_steps: int):
+    """The padded forward (packing=False), stepped by hand on the same batches."""
+    padded, _, _ = lit_side(config, path, n_steps, packing=False)
+    padded.configure_model()
+    optimizer = padded.configure_optimizers()
+
+    def step(batch):
+        loss, _ = padded.compute_loss(batch, "train")
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
 def time_worker(config: str, steps: int, warmup: int, work: Path, baseline: bool = False) -> dict:
-    """One process, both sides, ABAB on the same batches; FLOPs counted on one warm-up step."""
+    """One process, both sides, ABBA on the same batches; FLOPs counted on the last warm-up step."""
     import lightning as L
+    from torch.utils.flop_counter import FlopCounterMode
 
     path = model_dir(config, work)
-    module, data, make_trainer = lit_side(config, path, warmup + steps)
+    module, data, make_trainer = lit_side(config, path, warmup + steps, data_class=timed_data_class())
     trl_trainer, trl_collate, trl_step = trl_side(config, path, work)
-    padded_step = None
-    if baseline:  # the padded forward (packing=False), stepped by hand on the same batches
-        padded, _, _ = lit_side(config, path, warmup + steps, packing=False)
-        padded.configure_model()
-        padded_optimizer = padded.configure_optimizers()
-
-        def padded_step(batch):
-            loss, _ = padded.compute_loss(batch, "train")
-            loss.backward()
-            padded_optimizer.step()
-            padded_optimizer.zero_grad(set_to_none=True)
-
+    padded_step = padded_stepper(config, path, warmup + steps) if baseline else None
     watch = harness.Stopwatch()
-    counts: dict = {"real_tokens": [], "padded_tokens": []}
+    counts: dict = {"real_tokens": [], "padded_tokens": [], "trl_first": 0}
+    state = {"i": 0}
 
-    class ABAB(L.Callback):
-        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            examples = [data.train_set[i] for i in batch["index"].tolist()]
-            inputs = trl_collate(examples)
-            record = batch_idx >= warmup
-            if batch_idx == warmup - 1:
-                counts["trl_flops"], _ = harness.flops_of(lambda: trl_step(inputs))
-            else:
-                watch.time("trl", lambda: trl_step(inputs), record=record)
-            if padded_step is not None:
-                watch.time("lit_align_padded", lambda: padded_step(batch), record=record)
-            mask = torch.cat([batch["chosen_attention_mask"], batch["rejected_attention_mask"]])
-            if record:
-                counts["real_tokens"].append(int(mask.sum()))
-                counts["padded_tokens"].append(mask.numel())
-            self.counter = None
-            if batch_idx == warmup - 1:
-                from torch.utils.flop_counter import FlopCounterMode
+    def others(batch, i):
+        """TRL's step (and the padded baseline) on the same batch, outside lit_align's window."""
+        inputs = trl_collate([data.train_set[j] for j in batch["index"].tolist()])
+        if i == warmup - 1:
+            counts["trl_flops"], _ = harness.flops_of(lambda: trl_step(inputs))
+        else:
+            watch.time("trl", lambda: trl_step(inputs), record=i >= warmup)
+        if padded_step is not None:
+            watch.time("lit_align_padded", lambda: padded_step(batch), record=i >= warmup)
 
-                self.counter = FlopCounterMode(display=False)
-                self.counter.__enter__()
-            self.record, self.start = record, time.perf_counter()
+    def before_transfer(batch):
+        i = state["i"]
+        if i % 2 == 0:  # A B: TRL first
+            others(batch, i)
+            counts["trl_first"] += i >= warmup
+        mask = torch.cat([batch["chosen_attention_mask"], batch["rejected_attention_mask"]])
+        if i >= warmup:
+            counts["real_tokens"].append(int(mask.sum()))
+            counts["padded_tokens"].append(mask.numel())
+        state["counter"] = FlopCounterMode(display=False) if i == warmup - 1 else None
+        if state["counter"] is not None:
+            state["counter"].__enter__()
+        state["batch"], state["start"] = batch, time.perf_counter()
 
+    class WindowEnd(L.Callback):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            elapsed = time.perf_counter() - self.start
-            if self.counter is not None:
-                self.counter.__exit__(None, None, None)
-                counts["lit_flops"] = self.counter.get_total_flops()
-            if self.record:
+            elapsed, i = time.perf_counter() - state["start"], state["i"]
+            if state["counter"] is not None:
+                state["counter"].__exit__(None, None, None)
+                counts["lit_flops"] = state["counter"].get_total_flops()
+            if i >= warmup:
                 watch.add("lit_align", elapsed)
+            if i % 2 == 1:  # B A: lit_align first, then TRL
+                others(state["batch"], i)
+            state["i"] += 1
 
-    make_trainer([ABAB()]).fit(module, datamodule=data)
+    data.before_transfer = before_transfer
+    make_trainer([WindowEnd()]).fit(module, datamodule=data)
+    return summarise_timing(config, steps, warmup, module, watch, counts)
+
+
+def summarise_timing(config: str, steps: int, warmup: int, module, watch, counts: dict) -> dict:
     peak = harness.matmul_peak()
     out = {"config": config, "steps": steps, "warmup": warmup, "matmul": peak, **harness.count_params(module.policy)}
+    out["order"] = f"ABBA: TRL first on {counts['trl_first']} of {steps} timed steps, lit_align first on the rest"
+    out["lit_align_window"] = "on_before_batch_transfer -> on_train_batch_end (re-ranking hook inside)"
     real = statistics.median(counts["real_tokens"])
     for side in watch.times:
         s = watch.summary(side)
@@ -219,9 +258,9 @@ def main() -> None:
     global BATCH, MAX_PROMPT, MAX_COMPLETION
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--configs", default=",".join(CONFIGS))
-    parser.add_argument("--steps", type=int, default=10, help="timed steps per side (median)")
+    parser.add_argument("--steps", type=int, help="timed steps per side, median (default 10; --quick 5)")
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--rss-steps", type=int, default=3)
+    parser.add_argument("--rss-steps", type=int, help="steps before reading peak RSS (default 3; --quick 2)")
     parser.add_argument("--quick", action="store_true", help="5 steps, llama-1m, <= 64+64 tokens (a smoke run)")
     parser.add_argument("--no-rss", action="store_true")
     parser.add_argument("--baseline", action="store_true", help="also time lit_align's padded forward (packing=False)")
@@ -234,8 +273,9 @@ def main() -> None:
     parser.add_argument("--work", help=argparse.SUPPRESS)
     a = parser.parse_args()
     torch.set_num_threads(a.threads)
+    a.steps = a.steps if a.steps is not None else (5 if a.quick else 10)
+    a.rss_steps = a.rss_steps if a.rss_steps is not None else (2 if a.quick else 3)
     if a.quick:
-        a.steps, a.rss_steps = 5, 2
         a.max_prompt, a.max_completion = min(a.max_prompt, 64), min(a.max_completion, 64)
         if a.configs == ",".join(CONFIGS):
             a.configs = "llama-1m"

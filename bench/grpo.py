@@ -15,14 +15,19 @@ One timed step:
   advantages, old/ref log-probs when needed, loss, backward, clip, optimizer step, logging).
 * TRL: `trainer.training_step(model, rows)` (its `_generate_and_score_completions`: sampling,
   rewards, advantages; then loss and backward) + clip + `optimizer.step()` + `zero_grad`.
-They alternate on every batch (TRL, then lit_align). The random models rarely emit EOS, so both
-sides generate the full 32 tokens per completion; the JSON records the mean completion lengths.
+The order alternates ABBA (TRL then lit_align on even batches, lit_align then TRL on odd ones).
+The two sides sample different completions, so besides time per step the JSON reports time per
+generated token (completion tokens up to and including EOS, from each side's own
+`completions/mean_length` of that step): the step time divided by that step's tokens, median over
+the timed steps, and its ratio. The random models rarely emit EOS, so both sides mostly generate
+the full 32 tokens per completion.
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -114,33 +119,45 @@ def time_worker(config: str, steps: int, warmup: int, max_prompt: int, work: Pat
     module, data, make_trainer = lit_side(path, warmup + steps, max_prompt)
     trl_trainer, trl_step = trl_side(path, work)
     watch = harness.Stopwatch()
+    tokens: dict = {"lit_align": [], "trl": []}
 
-    class ABAB(L.Callback):
+    def trl(batch, record: bool) -> None:
+        rows = [{"prompt": p} for p in batch["prompt"] for _ in range(G)]  # TRL's RepeatSampler order
+        watch.time("trl", lambda: trl_step(rows), record=record)
+        if record:  # TRL appends one completions/mean_length per step
+            tokens["trl"].append(trl_trainer._metrics["train"]["completions/mean_length"][-1] * len(rows))
+
+    class ABBA(L.Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            rows = [{"prompt": p} for p in batch["prompt"] for _ in range(G)]  # TRL's RepeatSampler order
             self.record = batch_idx >= warmup
-            watch.time("trl", lambda: trl_step(rows), record=self.record)
+            if batch_idx % 2 == 0:  # A B: TRL first
+                trl(batch, self.record)
             self.start = time.perf_counter()
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            elapsed = time.perf_counter() - self.start
             if self.record:
-                watch.add("lit_align", time.perf_counter() - self.start)
+                watch.add("lit_align", elapsed)
+                n = len(batch["prompt"]) * G
+                tokens["lit_align"].append(float(trainer.callback_metrics["completions/mean_length"]) * n)
+            if batch_idx % 2 == 1:  # B A: lit_align first
+                trl(batch, self.record)
 
-    make_trainer([ABAB()]).fit(module, datamodule=data)
+    make_trainer([ABBA()]).fit(module, datamodule=data)
     out = {"config": config, "steps": steps, "warmup": warmup, **harness.count_params(module.policy)}
+    out["order"] = "ABBA: TRL first on even batches, lit_align first on odd ones"
     for side in ("lit_align", "trl"):
         out[side] = watch.summary(side)
-    trl_lengths = trl_trainer._metrics["train"].get("completions/mean_length", [])
-    out["trl_mean_completion_length"] = sum(trl_lengths) / len(trl_lengths) if trl_lengths else None
-    lit_length = trainer_metric(module, "completions/mean_length")
-    out["lit_align_last_mean_completion_length"] = lit_length
+        per_token = [t / n for t, n in zip(watch.times[side], tokens[side])]
+        out[side]["generated_tokens_per_step_median"] = statistics.median(tokens[side])
+        out[side]["median_s_per_generated_token"] = statistics.median(per_token)
+    out["trl_mean_completion_length"] = statistics.mean(tokens["trl"]) / (G * PROMPTS)
+    out["lit_align_mean_completion_length"] = statistics.mean(tokens["lit_align"]) / (G * PROMPTS)
     out["time_ratio_lit_over_trl"] = out["lit_align"]["median_s"] / out["trl"]["median_s"]
+    out["per_token_time_ratio_lit_over_trl"] = (
+        out["lit_align"]["median_s_per_generated_token"] / out["trl"]["median_s_per_generated_token"]
+    )
     return out
-
-
-def trainer_metric(module, name: str):
-    value = module.trainer.callback_metrics.get(name) if module._trainer is not None else None
-    return float(value) if value is not None else None
 
 
 def rss_worker(config: str, side: str, steps: int, max_prompt: int, work: Path) -> dict:
@@ -158,20 +175,19 @@ def rss_worker(config: str, side: str, steps: int, max_prompt: int, work: Path) 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="llama-1m", choices=["llama-1m", "llama-30m"])
-    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--steps", type=int, help="timed steps (default 10; --quick 5)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--max-prompt", type=int, default=128)
     parser.add_argument("--rss-steps", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--quick", action="store_true", help="5 steps")
+    parser.add_argument("--quick", action="store_true", help="5 steps (a smoke run)")
     parser.add_argument("--no-rss", action="store_true")
     parser.add_argument("--worker", choices=["time", "rss"], help=argparse.SUPPRESS)
     parser.add_argument("--side", help=argparse.SUPPRESS)
     parser.add_argument("--work", help=argparse.SUPPRESS)
     a = parser.parse_args()
     torch.set_num_threads(a.threads)
-    if a.quick:
-        a.steps = 5
+    a.steps = a.steps if a.steps is not None else (5 if a.quick else 10)
     if a.worker == "time":
         harness.print_result(time_worker(a.config, a.steps, a.warmup, a.max_prompt, Path(a.work)))
         return
@@ -192,6 +208,9 @@ def main() -> None:
             "side": side,
             "step s (median)": result[side]["median_s"],
             "time vs TRL": result[side]["median_s"] / result["trl"]["median_s"],
+            "tokens/step": result[side]["generated_tokens_per_step_median"],
+            "ms/token": 1000 * result[side]["median_s_per_generated_token"],
+            "per-token vs TRL": result[side]["median_s_per_generated_token"] / result["trl"]["median_s_per_generated_token"],
             "peak RSS MB": result[side].get("peak_rss_mb"),
         }
         for side in ("lit_align", "trl")

@@ -22,7 +22,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "hh_rlhf_harmless_base_test.jsonl.gz"
-RESULTS = ROOT / "bench" / "results"
+RESULTS = Path(os.environ.get("LIT_ALIGN_BENCH_RESULTS", ROOT / "bench" / "results"))  # the smoke test writes elsewhere
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
