@@ -48,6 +48,36 @@ def test_verdict_needs_disjoint_pooled_intervals_and_seed_ranges():
     assert verdict(metric([0.5], float("nan"), float("nan")), dpo) == "n/a"
 
 
+def test_by_category_tabulates_each_category_and_the_worst_one(tmp_path):
+    """Paper B reads refusal per category and the worst category: per seed from report.json, pooled
+    over the seeds' responses (the worst category of the pooled responses)."""
+    from lit_align.eval.metrics import summarize, to_jsonable
+    from lit_align.experiments.summary import arm_metrics
+
+    refused = {0: {"A": [1, 1, 0, 1], "B": [0, 0, 1, 0]}, 1: {"A": [1, 0, 0, 1], "B": [1, 1, 1, 0]}}
+    runs = []
+    for seed, by_cat in refused.items():
+        records = [
+            {"set": "h", "harmful": True, "category": c, "length_tokens": 5, "judges": {"phrases": {"refused": bool(v)}}}
+            for c, values in by_cat.items() for v in values
+        ]
+        run = tmp_path / f"seed{seed}"
+        run.mkdir()
+        (run / "report.json").write_text(json.dumps(to_jsonable({"metrics": {"m": {"h": summarize(records, num_resamples=200)}}})))
+        write_jsonl(run / "responses.jsonl", records)
+        runs.append({"seed": seed, "eval_dir": run.name})
+    stats = arm_metrics(tmp_path, runs, "phrases", 200, 0.95, 0, by_category=True)
+    assert list(stats) == ["h: refusal", "h: refusal [A]", "h: refusal [B]", "h: worst category refusal"]
+    assert stats["h: refusal [A]"].values == [0.75, 0.5] and stats["h: refusal [B]"].values == [0.25, 0.75]
+    assert stats["h: worst category refusal"].values == [0.25, 0.5]  # B for seed 0, A for seed 1
+    assert stats["h: refusal [B]"].pooled_value == 0.5 and stats["h: refusal [A]"].pooled_value == 0.625
+    worst = stats["h: worst category refusal"]
+    assert (worst.pooled_value, worst.pooled_low, worst.pooled_high) == (
+        stats["h: refusal [B]"].pooled_value, stats["h: refusal [B]"].pooled_low, stats["h: refusal [B]"].pooled_high
+    )
+    assert list(arm_metrics(tmp_path, runs, "phrases", 200, 0.95, 0)) == ["h: refusal"]
+
+
 class BatchRecorder(L.Callback):
     def __init__(self):
         self.positions = 0

@@ -288,6 +288,7 @@ def ablate(
     out_dir: str = "runs/ablate",
     baseline: Optional[str] = "dpo",
     judge: str = "phrases",
+    by_category: bool = False,
     held_out_check: bool = True,
 ) -> dict:
     """Train every arm from the same start on the same data, seeds and step budget; evaluate and compare them.
@@ -302,6 +303,7 @@ def ablate(
         out_dir: Where the runs, ablation.json, ablation.md and ablation.png go; a re-run resumes.
         baseline: The arm every other arm is compared with (plain DPO); each is also compared with the untrained arm.
         judge: The judge whose refusal / compliance rates make the table (evaluate's judge names, e.g. phrases).
+        by_category: Also tabulate the refusal rate of every category of a harmful set, and of its worst category.
         held_out_check: Stop when an evaluation prompt is also a training or validation prompt.
     """
     seeds = [0] if seeds is None else list(seeds)
@@ -327,16 +329,20 @@ def ablate(
         for arm in arms:
             if i < (arm.num_seeds or len(seeds)):
                 runs[arm.name].append(run_arm(arm, seed, ctx))
-        paths = summarize(out, runs, judge, baseline, arms, max_steps, eval_kwargs)
+        paths = summarize(out, runs, judge, baseline, arms, max_steps, eval_kwargs, by_category)
     print(f"lit-align ablate: table in {paths['markdown']}")
     return json.loads(paths["json"].read_text())
 
 
-def summarize(out: Path, runs: dict, judge: str, baseline: Optional[str], arms: list[ArmConfig], max_steps: int, eval_kwargs: dict) -> dict:
+def summarize(
+    out: Path, runs: dict, judge: str, baseline: Optional[str], arms: list[ArmConfig], max_steps: int, eval_kwargs: dict,
+    by_category: bool = False,
+) -> dict:
     base = next((a.name for a in arms if a.config is None), None)
     summary = summarize_runs(
         out, {arm: rs for arm, rs in runs.items() if rs}, judge, baseline, base, max_steps,
         eval_kwargs.get("num_resamples", 1000), eval_kwargs.get("confidence_level", 0.95), eval_kwargs.get("seed", 0),
+        by_category,
     )
     if not summary["metrics"]:
         raise ValueError(f"ablate: judge {judge!r} gave no refusal or compliance rate; set `judge` to one of evaluate's judges")

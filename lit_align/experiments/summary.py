@@ -79,8 +79,9 @@ def verdict(a: ArmMetric, b: ArmMetric) -> str:
 
 
 # ---------------------------------------------------------------------------- reading runs
-def run_metrics(report: dict, judge: str) -> dict[str, dict]:
-    """{metric name: {estimate, direction, unit, rate}} of one run's report.json (one model)."""
+def run_metrics(report: dict, judge: str, by_category: bool = False) -> dict[str, dict]:
+    """{metric name: {estimate, direction, unit, pool}} of one run's report.json (one model); with
+    `by_category`, also the refusal rate of every category of a harmful set and of its worst one."""
     (metrics,) = report["metrics"].values()
     out = {}
     for prompt_set, m in metrics.items():
@@ -89,6 +90,14 @@ def run_metrics(report: dict, judge: str) -> dict[str, dict]:
             if key in rates:
                 pool = {"file": "responses.jsonl", "set": prompt_set, "rate": key}
                 out[f"{prompt_set}: {label}"] = {"estimate": rates[key], "direction": 1, "unit": "%", "pool": pool}
+        categories = rates.get("refusal_rate_by_category", {}) if by_category else {}
+        for category, estimate in categories.items():
+            pool = {"file": "responses.jsonl", "set": prompt_set, "rate": "refusal_rate", "category": category}
+            out[f"{prompt_set}: refusal [{category}]"] = {"estimate": estimate, "direction": 1, "unit": "%", "pool": pool}
+        if categories:
+            worst = min(categories.values(), key=lambda e: e["value"])
+            pool = {"file": "responses.jsonl", "set": prompt_set, "rate": "refusal_rate", "worst": True}
+            out[f"{prompt_set}: worst category refusal"] = {"estimate": worst, "direction": 1, "unit": "%", "pool": pool}
         by_k = (m.get("prefill") or {}).get("judges", {}).get(judge, {}).get("refusal_rate_by_k", {})
         for k, estimate in by_k.items():
             if int(k) > 0:
@@ -111,13 +120,21 @@ def pooled_estimate(records: list[dict], pool: dict, judge: str, **kw) -> Estima
     """The metric over the records of every seed together, computed as evaluate computes it for one."""
     records = [r for r in records if r["set"] == pool["set"] and r.get("k", pool.get("k")) == pool.get("k")]
     if "rate" in pool:
-        return judge_metrics(records, judge, **kw)[pool["rate"]]
+        metrics = judge_metrics(records, judge, **kw)
+        if "category" in pool:
+            return metrics["refusal_rate_by_category"][pool["category"]]
+        if pool.get("worst"):  # the category that is worst over every seed's responses together
+            return min(metrics["refusal_rate_by_category"].values(), key=lambda e: e.value)
+        return metrics[pool["rate"]]
     return estimate([r["judges"].get(judge, {}).get("refused") for r in records], **kw)
 
 
-def arm_metrics(root: Path, runs: list[dict], judge: str, num_resamples: int, level: float, seed: int) -> dict[str, ArmMetric]:
+def arm_metrics(
+    root: Path, runs: list[dict], judge: str, num_resamples: int, level: float, seed: int, by_category: bool = False
+) -> dict[str, ArmMetric]:
     """Per metric, the arm's seeds summarised; `runs` are its finished runs (seed, eval_dir under `root`)."""
-    per_seed = {r["seed"]: run_metrics(json.loads((root / r["eval_dir"] / "report.json").read_text()), judge) for r in runs}
+    reports = {r["seed"]: json.loads((root / r["eval_dir"] / "report.json").read_text()) for r in runs}
+    per_seed = {s: run_metrics(report, judge, by_category) for s, report in reports.items()}
     dirs = {r["seed"]: root / r["eval_dir"] for r in runs}
     seeds = sorted(per_seed)
     out = {}
@@ -248,11 +265,11 @@ def plot(summary: dict) -> Figure:
 
 def summarize_runs(
     root: Path, runs: dict[str, list[dict]], judge: str, baseline: Optional[str], base: Optional[str], max_steps: int,
-    num_resamples: int = 1000, level: float = 0.95, seed: int = 0,
+    num_resamples: int = 1000, level: float = 0.95, seed: int = 0, by_category: bool = False,
 ) -> dict:
     """Everything ablation.json holds: per arm its metrics over seeds, its runs (costs, evaluation
     directories relative to `root`) and the verdicts."""
-    quality = {arm: arm_metrics(Path(root), rs, judge, num_resamples, level, seed) for arm, rs in runs.items()}
+    quality = {arm: arm_metrics(Path(root), rs, judge, num_resamples, level, seed, by_category) for arm, rs in runs.items()}
     keys = list(dict.fromkeys(k for q in quality.values() for k in q))
     verdicts = []
     for against in dict.fromkeys(x for x in (baseline, base) if x):
