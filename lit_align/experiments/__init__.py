@@ -1,7 +1,24 @@
-"""Experiments: `lit-align ablate` (arms trained under one budget, evaluated, compared) and its cost meter."""
+"""Experiments: `lit-align ablate` (arms trained under one budget, evaluated, compared) and its cost meter.
 
-from lit_align.experiments.ablate import AblationInputs, ArmConfig, ablate
-from lit_align.experiments.costs import CostMeter
-from lit_align.experiments.summary import ArmMetric, verdict
+Names load lazily: a fit that only needs `CostMeter` does not import the report's plotting."""
 
-__all__ = ["AblationInputs", "ArmConfig", "ArmMetric", "CostMeter", "ablate", "verdict"]
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "AblationInputs": "lit_align.experiments.ablate",
+    "ArmConfig": "lit_align.experiments.ablate",
+    "ablate": "lit_align.experiments.ablate",
+    "CostMeter": "lit_align.experiments.costs",
+    "ArmMetric": "lit_align.experiments.summary",
+    "verdict": "lit_align.experiments.summary",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'lit_align.experiments' has no attribute {name!r}")
