@@ -22,6 +22,7 @@ COMMANDS: dict[str, str] = {
     "judge-accuracy": "lit_align.eval.judge_accuracy:judge_accuracy",
     "build-cod": "lit_align.srmir.cod:build_cod",
     "train-shadow": "lit_align.srmir.shadow:train_shadow",
+    "build-pairs": "lit_align.data.refusal_pairs:build_pairs",
 }
 
 TRAINER_SUBCOMMANDS = ("fit", "validate", "test", "predict")
