@@ -155,7 +155,7 @@ def decode_step_flops(model, ids: torch.Tensor, mask: torch.Tensor) -> int:
 
     with torch.no_grad():
         cache = DynamicCache(config=model.config)
-        out, mask, positions = prefill(model, ids, mask.long(), cache, MIN_SHARED_PREFIX)
+        out, mask, positions, _ = prefill(model, ids, mask.long(), cache, MIN_SHARED_PREFIX)
         token = out.logits[:, -1].argmax(-1)[:, None]
         mask = torch.cat([mask, mask.new_ones(len(mask), 1)], 1)
         flops, _ = harness.flops_of(lambda: model(input_ids=token, attention_mask=mask, position_ids=positions[:, -1:] + 1,
@@ -174,6 +174,8 @@ def run_once(fn, model, ids, mask, config: str, tokenizer) -> torch.Tensor:
 
 def time_all(name: str, variants: list[str], repeats: int, quick: bool) -> dict:
     """Interleaved timings of every (config, variant), the limits and the ceilings."""
+    from lit_align.srmir.cod import is_valid_cod
+
     found, tokenizer = samplers(name, variants)
     ids, mask = prompts(tokenizer, quick)
     lean_model = found.get("lean", found[variants[0]])[1]
@@ -211,6 +213,8 @@ def time_all(name: str, variants: list[str], repeats: int, quick: bool) -> dict:
         if v in ("int8", "bf16") and "lean" in variants:
             row["rows_same_as_lean"] = rows_equal(outputs[config, "lean"], ids_v)
             row["first_difference_vs_lean"] = first_differences(outputs[config, "lean"], ids_v)
+            row["vs_float32_along_lean_samples"] = divergence(found["lean"][1], model, ids, mask, outputs[config, "lean"], tokenizer.eos_token_id)
+        row["valid_cod"] = sum(is_valid_cod(t) for t in tokenizer.batch_decode(ids_v, skip_special_tokens=True))
         rows.append(row)
     texts = {f"{config}/{v}": tokenizer.decode(out[0], skip_special_tokens=True) for (config, v), out in outputs.items()}
     return {**result, "best_limits": best, "runs": rows, "first_row_texts": texts}
@@ -227,6 +231,26 @@ def first_differences(a: torch.Tensor, b: torch.Tensor) -> list[int]:
     width = min(a.shape[1], b.shape[1])
     diff = a[:, :width] != b[:, :width]
     return [int(d.nonzero()[0]) if d.any() else -1 for d in diff]
+
+
+def divergence(reference, model, ids: torch.Tensor, mask: torch.Tensor, completions: torch.Tensor, eos: int) -> dict:
+    """How far `model`'s next-token distributions are from `reference`'s along the reference's own
+    completions (teacher forcing, each completion up to and including its EOS): mean KL(ref ‖ model)
+    per token, and how often both put the same token first."""
+    is_eos = completions == eos
+    length = torch.where(is_eos.any(1), is_eos.int().argmax(1) + 1, completions.shape[1])
+    keep = torch.arange(completions.shape[1])[None] < length[:, None]
+    full, full_mask = torch.cat([ids, completions], 1), torch.cat([mask, keep.long()], 1)
+    kl, same, count = 0.0, 0, 0
+    with torch.no_grad():
+        for rows in torch.arange(len(ids)).split(4):  # 4 rows at a time: full-vocabulary logits are large
+            at = slice(ids.shape[1] - 1, full.shape[1] - 1)  # the positions that predict completion tokens
+            ref, new = (m(input_ids=full[rows], attention_mask=full_mask[rows]).logits[:, at].float().log_softmax(-1) for m in (reference, model))
+            k = keep[rows]
+            kl += float((ref.exp() * (ref - new)).sum(-1)[k].sum())
+            same += int((ref.argmax(-1) == new.argmax(-1))[k].sum())
+            count += int(k.sum())
+    return {"mean_kl_per_token": kl / count, "top1_agreement": same / count, "tokens": count}
 
 
 def rss_worker(name: str, variant: str, quick: bool) -> dict:
@@ -299,7 +323,8 @@ def main() -> None:
             "config": row["config"], "variant": row["variant"], "wall s": row["wall_s"], "CPU s": row["cpu_s"],
             "tokens": row["generated_tokens"], "tok/s wall": row["tokens_per_s_wall"], "tok/s CPU": row["tokens_per_s_cpu"],
             "× before (wall)": before and before["wall_s"] / row["wall_s"], "× before (CPU)": before and before["cpu_s"] / row["cpu_s"],
-            "rows = before": row.get("rows_same_as_before"),
+            "rows = before": row.get("rows_same_as_before"), "valid CoD": row["valid_cod"],
+            "KL/token vs fp32": row.get("vs_float32_along_lean_samples", {}).get("mean_kl_per_token"),
             "% compute ceiling (CPU)": 100 * row["tokens_per_s_cpu"] / row["compute_ceiling_cpu"],
             "% memory ceiling (CPU)": 100 * row["tokens_per_s_cpu"] / row["memory_ceiling_cpu"],
             "peak RSS MB": row.get("peak_rss_mb"),

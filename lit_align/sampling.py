@@ -29,12 +29,14 @@ a `DynamicCache` (Llama, Qwen, Mistral, SmolLM, peft-wrapped ones); anything els
 
 from __future__ import annotations
 
+import copy
 from typing import Optional
 
 import torch
 from torch import Tensor
-from transformers import DynamicCache
+from transformers import AttentionInterface, DynamicCache, PretrainedConfig
 from transformers.cache_utils import DynamicLayer
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from lit_align.generation import Completions, Generator, SamplingConfig, completions_from_ids
 from lit_align.models import kv_cache
@@ -107,13 +109,14 @@ def shared_prefix_length(prompt_ids: Tensor, prompt_mask: Tensor) -> int:
 def prefill(model, prompt_ids: Tensor, mask: Tensor, cache: DynamicCache, min_shared_prefix: int):
     """Fill `cache` with the left-padded prompts: their shared prefix once (when it is at least
     `min_shared_prefix` tokens), then each row's rest, left-padded after it. Returns the forward's
-    output (last-position logits), the key mask over the cache and the rows' position ids."""
+    output (last-position logits), the key mask over the cache, the rows' position ids and the
+    length of the prefix prefilled once (0: none)."""
     p = shared_prefix_length(prompt_ids, mask)
     if p < min_shared_prefix or any(type(x) is not DynamicLayer for x in cache.layers):  # not with sliding windows
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         out = model(input_ids=prompt_ids, attention_mask=mask, position_ids=positions, **kv_cache(cache),
                     use_cache=True, logits_to_keep=1)
-        return out, mask, positions
+        return out, mask, positions, 0
     width, device = prompt_ids.shape[1], prompt_ids.device
     start = width - int(mask[0].sum())  # row 0's first token
     model(input_ids=prompt_ids[:1, start : start + p], position_ids=torch.arange(p, device=device)[None],
@@ -125,7 +128,7 @@ def prefill(model, prompt_ids: Tensor, mask: Tensor, cache: DynamicCache, min_sh
     mask = torch.cat([mask.new_ones(len(mask), p), rest_mask], dim=1)
     out = model(input_ids=prompt_ids[:, width - rest :], attention_mask=mask, position_ids=positions,
                 **kv_cache(cache), use_cache=True, logits_to_keep=1)
-    return out, mask, positions
+    return out, mask, positions, p
 
 
 class PreallocatedLayer(DynamicLayer):
@@ -133,14 +136,16 @@ class PreallocatedLayer(DynamicLayer):
     each decoded token is written in place, where `DynamicLayer` concatenates the cache into a fresh
     copy at every token (its cost grows with the context, ~10 % of a SmolLM2 decode step)."""
 
-    def __init__(self, layer: DynamicLayer, capacity: int):
+    def __init__(self, layer: DynamicLayer, extra: int, skip: int = 0):
+        """`layer`'s keys and values from position `skip` on, and room for `extra` more positions."""
         super().__init__()
-        rows, heads, length, dim = layer.keys.shape
-        self.key_buffer = layer.keys.new_empty(rows, heads, capacity, dim)
-        self.value_buffer = layer.values.new_empty(rows, heads, capacity, layer.values.shape[-1])
-        self.key_buffer[:, :, :length] = layer.keys
-        self.value_buffer[:, :, :length] = layer.values
-        self.device, self.is_initialized = layer.keys.device, True
+        keys, values = layer.keys[:, :, skip:], layer.values[:, :, skip:]
+        rows, heads, length, dim = keys.shape
+        self.key_buffer = keys.new_empty(rows, heads, length + extra, dim)
+        self.value_buffer = values.new_empty(rows, heads, length + extra, values.shape[-1])
+        self.key_buffer[:, :, :length] = keys
+        self.value_buffer[:, :, :length] = values
+        self.device, self.is_initialized = keys.device, True
         self._view(length)
 
     def _view(self, length: int) -> None:
@@ -162,13 +167,98 @@ class PreallocatedLayer(DynamicLayer):
         self._view(length)
 
 
-def preallocate(cache: DynamicCache, extra: int) -> bool:
-    """Give every layer of a filled cache room for `extra` more positions (`PreallocatedLayer`).
-    Only plain `DynamicLayer`s (sliding-window layers keep theirs); says whether it did."""
-    if not cache.layers or any(type(x) is not DynamicLayer or not x.is_initialized for x in cache.layers):
-        return False
-    cache.layers = [PreallocatedLayer(x, x.keys.shape[-2] + extra) for x in cache.layers]
-    return True
+SHARED_PREFIX_ATTENTION = "lit_align_shared_prefix_sdpa"
+
+
+def shared_prefix_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, shared_prefix=None, **kwargs):
+    """sdpa for one-token queries over the keys of a prefix all rows share, then each row's own:
+
+        softmax(q·[K_p ; K_i]ᵀ · scaling + [0 ; mask_i]) · [V_p ; V_i]
+
+    The prefix's keys and values are stored once (`shared_prefix[layer]`, `[kv heads, P, dim]`), so
+    q·K_pᵀ and the prefix's share of the output are one matmul per key/value head for all rows, where
+    sdpa on repeated keys runs many small ones (rows × heads) over the whole context. Without a
+    shared prefix (or for longer queries) this is transformers' sdpa."""
+    if shared_prefix is None or query.shape[2] != 1:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    if dropout:
+        raise ValueError("shared-prefix attention is for generation: put the model in eval mode (no attention dropout)")
+    prefix_keys, prefix_values = shared_prefix[module.layer_idx]
+    rows, heads, _, dim = query.shape
+    groups, length = prefix_keys.shape[:2]
+    q = query.view(rows, groups, heads // groups, dim)  # query head h reads key/value head h // (heads / groups)
+    shared = torch.bmm(q.transpose(0, 1).reshape(groups, -1, dim), prefix_keys.transpose(1, 2))
+    own = torch.matmul(q, key.transpose(-1, -2))
+    if attention_mask is not None:
+        own = own.masked_fill(~attention_mask, float("-inf")) if attention_mask.dtype == torch.bool else own + attention_mask
+    scores = torch.cat([shared.view(groups, rows, -1, length).transpose(0, 1), own], -1)
+    probs = (scores * (dim**-0.5 if scaling is None else scaling)).softmax(-1)
+    out = torch.matmul(probs[..., length:], value)
+    out += torch.bmm(probs[..., :length].transpose(0, 1).reshape(groups, -1, length), prefix_values).view(groups, rows, -1, dim).transpose(0, 1)
+    return out.reshape(rows, 1, heads, dim), None
+
+
+AttentionInterface.register(SHARED_PREFIX_ATTENTION, shared_prefix_attention)
+
+
+def attention_view(model, implementation: str):
+    """`model` with another attention implementation, without changing `model`: a tree of shallow
+    module copies sharing its parameters, buffers and hooks, whose config is a copy naming
+    `implementation`. None when a module reads a config other than the model's (then it would not)."""
+    config = copy.copy(model.config)
+    config._attn_implementation_internal = implementation
+
+    def view(module):
+        own = module.__dict__.get("config")
+        if isinstance(own, PretrainedConfig) and own is not model.config:
+            raise LookupError
+        new = copy.copy(module)
+        new._modules = {name: None if child is None else view(child) for name, child in module._modules.items()}
+        if own is not None:
+            new.__dict__["config"] = config
+        return new
+
+    try:
+        return view(model)
+    except LookupError:
+        return None
+
+
+class Decoder:
+    """The decode loop's forwards: one token for each row still computed, over a cache with room for
+    every step (`PreallocatedLayer`) and a key mask written once. With sdpa and a prompt prefix all
+    rows share, that prefix's keys and values are kept once and read by `shared_prefix_attention`."""
+
+    def __init__(self, model, cache: DynamicCache, mask: Tensor, position: Tensor, prefix: int, steps: int):
+        plain = bool(cache.layers) and all(type(x) is DynamicLayer and x.is_initialized for x in cache.layers)
+        sdpa = model.config._attn_implementation == "sdpa"
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()  # e.g. FSDP's hooks
+        view = attention_view(model, SHARED_PREFIX_ATTENTION) if plain and sdpa and prefix and not distributed else None
+        self.model, self.cache, self.position = view or model, cache, position
+        self.shared = [(x.keys[0, :, :prefix].clone(), x.values[0, :, :prefix].clone()) for x in cache.layers] if view else None
+        skip = prefix if view else 0
+        for i, layer in enumerate(cache.layers if plain else []):  # one at a time: the old layer is freed at once
+            cache.layers[i] = PreallocatedLayer(layer, steps, skip)
+        # A one-token query needs only the key padding mask: handing sdpa a ready 4-D mask skips
+        # transformers' per-step mask building (not for eager attention or sliding-window layers).
+        self.ready_mask = plain and sdpa
+        self.keys = torch.cat([mask[:, skip:].bool(), mask.new_ones(len(mask), steps, dtype=torch.bool)], 1)
+        self.width = mask.shape[1] - skip
+
+    def keep(self, rows: Tensor) -> None:
+        """Compute only these rows (indices into the current ones) from now on."""
+        self.cache.batch_select_indices(rows)
+        self.keys, self.position = self.keys[rows], self.position[rows]
+
+    def __call__(self, token: Tensor, step: int) -> Tensor:
+        """Float logits `[rows, vocab]` after each row's `step`-th new token."""
+        self.position = self.position + 1
+        length = self.width + step + 1
+        mask = self.keys[:, None, None, :length] if self.ready_mask else self.keys[:, :length].long()
+        shared = {"shared_prefix": self.shared} if self.shared else {}
+        out = self.model(input_ids=token[:, None], attention_mask=mask, position_ids=self.position, **kv_cache(self.cache),
+                         use_cache=True, **shared)
+        return out.logits[:, -1].float()
 
 
 COMPACT_AT = 1 / 8  # drop ended rows from the forwards once they are this share of the rows computed
@@ -192,25 +282,21 @@ def sample_ids(
     the cache, mask and positions once they are `COMPACT_AT` of those computed. Every step still draws
     one uniform per output row, so a row's sample does not depend on when others were dropped."""
     cache = DynamicCache(config=model.config)
-    out, mask, positions = prefill(model, prompt_ids, prompt_mask.long(), cache, min_shared_prefix)
+    out, mask, positions, prefix = prefill(model, prompt_ids, prompt_mask.long(), cache, min_shared_prefix)
     cache.batch_repeat_interleave(n)
-    # A one-token query needs only the key padding mask: handing sdpa a ready 4-D mask skips
-    # transformers' per-step mask building (not for eager attention or sliding-window layers).
-    ready_mask = preallocate(cache, sampling.max_new_tokens) and model.config._attn_implementation == "sdpa"
+    steps = sampling.max_new_tokens
+    decoder = Decoder(model, cache, mask.repeat_interleave(n, 0), positions[:, -1:].repeat_interleave(n, 0), prefix, steps)
     logits = out.logits[:, -1].float().repeat_interleave(n, 0)
-    width, steps, device = mask.shape[1], sampling.max_new_tokens, logits.device
-    keys = torch.cat([mask.bool(), mask.new_ones(len(mask), steps, dtype=torch.bool)], 1).repeat_interleave(n, 0)
-    position = positions[:, -1:].repeat_interleave(n, 0)
     seen = prompt_ids.repeat_interleave(n, 0)  # only read with a repetition penalty
-    rows = torch.arange(len(logits), device=device)
-    finished = torch.zeros(len(logits), dtype=torch.bool, device=device)
-    tokens = torch.full((len(logits), steps), pad_token_id, dtype=torch.long, device=device)
+    rows = torch.arange(len(logits), device=logits.device)
+    finished = torch.zeros(len(logits), dtype=torch.bool, device=logits.device)
+    tokens = torch.full((len(logits), steps), pad_token_id, dtype=torch.long, device=logits.device)
     stop_early = not (torch.distributed.is_available() and torch.distributed.is_initialized())
     for t in range(steps):
         if sampling.repetition_penalty != 1.0:
             logits = penalize_repeats(logits, seen, sampling.repetition_penalty)
         if sampling.temperature > 0:
-            uniform = torch.rand(len(tokens), 1, generator=generator, device=device)[rows]
+            uniform = torch.rand(len(tokens), 1, generator=generator, device=logits.device)[rows]
             token = draw(filter_logits(logits, sampling).softmax(-1), uniform)
         else:
             token = logits.argmax(-1)
@@ -224,13 +310,9 @@ def sample_ids(
         ended = finished[rows]
         if int(ended.sum()) >= COMPACT_AT * len(rows) and not bool(ended.all()):
             keep = (~ended).nonzero().squeeze(1)
-            rows, token, keys, position, seen = rows[keep], token[keep], keys[keep], position[keep], seen[keep]
-            cache.batch_select_indices(keep)
-        position = position + 1
-        length = width + t + 1
-        key_mask = keys[:, None, None, :length] if ready_mask else keys[:, :length].long()
-        out = model(input_ids=token[:, None], attention_mask=key_mask, position_ids=position, **kv_cache(cache), use_cache=True)
-        logits = out.logits[:, -1].float()
+            rows, token, seen = rows[keep], token[keep], seen[keep]
+            decoder.keep(keep)
+        logits = decoder(token, t)
     return tokens[:, :0]
 
 

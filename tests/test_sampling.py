@@ -3,6 +3,9 @@ greedy ids equal, EOS ends rows, seeds reproduce, filters keep what HF's warpers
 
 from __future__ import annotations
 
+import copy
+from types import SimpleNamespace
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -11,8 +14,8 @@ from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsW
 from lit_align.generation import HFGenerator, SamplingConfig
 import lit_align.sampling as sampling_module
 from lit_align.sampling import (
-    Int8Linear, LeanGenerator, PreallocatedLayer, draw, filter_logits, int8_for_generation, outside_nucleus, sample_ids,
-    shared_prefix_length,
+    SHARED_PREFIX_ATTENTION, Int8Linear, LeanGenerator, PreallocatedLayer, attention_view, draw, filter_logits,
+    int8_for_generation, outside_nucleus, sample_ids, shared_prefix_attention, shared_prefix_length,
 )
 
 PROMPTS = [
@@ -138,7 +141,7 @@ def test_preallocated_cache_equals_the_concatenated_one(tiny, monkeypatch):
                              torch.Generator().manual_seed(0))
     preallocated, calls, layers = rows_per_forward(model, run)
     assert "PreallocatedLayer" in layers and len(calls) == 30
-    monkeypatch.setattr(sampling_module, "preallocate", lambda cache, extra: False)
+    monkeypatch.setattr(sampling_module, "PreallocatedLayer", lambda layer, extra, skip: layer)  # keep DynamicLayer
     concatenated, _, layers = rows_per_forward(model, run)
     assert layers == {"DynamicLayer"}
     assert torch.equal(preallocated, concatenated)
@@ -148,7 +151,8 @@ def test_preallocated_layer_writes_in_place():
     keys, values = torch.randn(2, 3, 5, 4), torch.randn(2, 3, 5, 4)
     layer = sampling_module.DynamicLayer()
     layer.update(keys, values)
-    fast = PreallocatedLayer(layer, capacity=8)
+    assert torch.equal(PreallocatedLayer(layer, extra=3, skip=2).keys, keys[:, :, 2:])
+    fast = PreallocatedLayer(layer, extra=3)
     buffer = fast.key_buffer.data_ptr()
     new_k, new_v = torch.randn(2, 3, 1, 4), torch.randn(2, 3, 1, 4)
     k, v = fast.update(new_k, new_v)
@@ -205,26 +209,85 @@ def test_int8_model_generates_close_to_float(tiny):
 SYSTEM = "You answer questions about baking bread, briefly and kindly, in plain words, and you never make up facts."
 
 
+def shared_system_prompts(generator):
+    return generator.encode_prompts([[{"role": "system", "content": SYSTEM}, {"role": "user", "content": p}] for p in PROMPTS])
+
+
 def test_shared_prefix_is_prefilled_once_and_greedy_equals_generate(tiny):
     """Prompts behind one long system message: the prefix is prefilled once, each row's rest after
-    it (left-padded), and greedy decoding still gives transformers' ids."""
+    it (left-padded), the decode steps read the prefix's keys once through shared-prefix attention
+    (on a view of the model: the model's own config still says sdpa), and greedy decoding still
+    gives transformers' ids."""
     model, tokenizer = tiny
     lean, hf = LeanGenerator(model, tokenizer), HFGenerator(model, tokenizer)
-    ids, mask = lean.encode_prompts([[{"role": "system", "content": SYSTEM}, {"role": "user", "content": p}] for p in PROMPTS])
+    ids, mask = shared_system_prompts(lean)
     prefix = shared_prefix_length(ids, mask)
     assert prefix >= 16 and prefix < int(mask.sum(-1).min())  # every row keeps a token of its own
     sampling = SamplingConfig(max_new_tokens=24, temperature=0.0)
     calls = []
-    hook = model.register_forward_pre_hook(lambda m, args, kwargs: calls.append(kwargs["input_ids"].shape), with_kwargs=True)
+
+    def hook(module, args, kwargs):
+        impl = (module.config._attn_implementation, model.config._attn_implementation)
+        calls.append((kwargs["input_ids"].shape, impl, kwargs["cache"].get_seq_length()))
+
+    handle = model.register_forward_pre_hook(hook, with_kwargs=True)
     try:
         lean_out = lean.generate_ids(ids, mask, sampling)
     finally:
-        hook.remove()
-    assert calls[0] == (1, prefix) and calls[1] == (3, int(mask.sum(-1).max()) - prefix)
+        handle.remove()
+    rest = int(mask.sum(-1).max()) - prefix
+    assert calls[0][0] == (1, prefix) and calls[1][0] == (3, rest)
+    assert calls[2] == ((3, 1), (SHARED_PREFIX_ATTENTION, "sdpa"), rest)  # the rows' own keys only
     assert torch.equal(lean_out.completion_ids, hf.generate_ids(ids, mask, sampling).completion_ids)
-    unshared = sample_ids(model, ids, mask, sampling, 1, tokenizer.eos_token_id, tokenizer.pad_token_id,
-                          min_shared_prefix=10**9)
-    assert torch.equal(lean_out.completion_ids, unshared)
+    for sampling in (sampling, SamplingConfig(max_new_tokens=24, temperature=1.0, top_p=0.9)):
+        run = lambda min_prefix: sample_ids(model, ids, mask, sampling, 2, tokenizer.eos_token_id, tokenizer.pad_token_id,
+                                            torch.Generator().manual_seed(0), min_shared_prefix=min_prefix)
+        assert torch.equal(run(16), run(10**9))  # the prefix in every row's cache, read by sdpa
+
+
+def test_shared_prefix_with_lora_greedy_equals_generate(tiny):
+    """The attention view of a peft-wrapped model runs its LoRA layers (random ones: they matter)."""
+    from peft import LoraConfig, get_peft_model
+
+    model, tokenizer = tiny
+    base = AutoModelForCausalLM.from_config(model.config).eval()
+    base.load_state_dict(model.state_dict())
+    torch.manual_seed(0)
+    peft_model = get_peft_model(base, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False)).eval()
+    hf, lean = HFGenerator(peft_model, tokenizer), LeanGenerator(peft_model, tokenizer)
+    ids, mask = shared_system_prompts(lean)
+    sampling = SamplingConfig(max_new_tokens=16, temperature=0.0)
+    out = lean.generate_ids(ids, mask, sampling).completion_ids
+    assert torch.equal(out, hf.generate_ids(ids, mask, sampling).completion_ids)
+    assert not torch.equal(out, LeanGenerator(model, tokenizer).generate_ids(ids, mask, sampling).completion_ids)
+
+
+def test_attention_view_leaves_models_reading_other_configs_alone(tiny):
+    model, _ = tiny
+    other = AutoModelForCausalLM.from_config(model.config)
+    view = attention_view(other, SHARED_PREFIX_ATTENTION)
+    assert view.model.layers[0].self_attn.config._attn_implementation == SHARED_PREFIX_ATTENTION
+    assert view.lm_head.weight is other.lm_head.weight and other.config._attn_implementation == "sdpa"
+    other.model.layers[1].self_attn.config = copy.copy(other.config)  # a module with a config of its own
+    assert attention_view(other, SHARED_PREFIX_ATTENTION) is None
+
+
+def test_shared_prefix_attention_equals_sdpa_over_all_keys():
+    g = torch.Generator().manual_seed(0)
+    rows, groups, per_group, dim, prefix, own = 5, 3, 2, 8, 7, 4
+    query = torch.randn(rows, groups * per_group, 1, dim, generator=g)
+    prefix_keys, prefix_values = torch.randn(2, groups, prefix, dim, generator=g)
+    keys, values = torch.randn(2, rows, groups, own, dim, generator=g)
+    mask = torch.ones(rows, 1, 1, own, dtype=torch.bool)
+    mask[0, ..., :2] = mask[3, ..., :1] = False  # left padding
+    out, _ = shared_prefix_attention(SimpleNamespace(layer_idx=1), query, keys, values, mask, scaling=0.3,
+                                     shared_prefix=[None, (prefix_keys, prefix_values)])
+    every = lambda p, o: torch.cat([p.expand(rows, -1, -1, -1), o], 2).repeat_interleave(per_group, 1)
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        query, every(prefix_keys, keys), every(prefix_values, values), scale=0.3,
+        attn_mask=torch.cat([torch.ones(rows, 1, 1, prefix, dtype=torch.bool), mask], -1),
+    )
+    torch.testing.assert_close(out, expected.transpose(1, 2))
 
 
 def test_shared_prefix_needs_left_padded_rows_alike():
