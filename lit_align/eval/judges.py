@@ -346,7 +346,13 @@ class ProbeRefusalJudge(Judge):
 def _fit(probe, features: torch.Tensor, labels: torch.Tensor, epochs: int, seed: int) -> None:
     from lit_align.probes.train import fit_probe
 
-    fit_probe(probe, features, labels, epochs=epochs, seed=seed)
+    # a probe's ops are tiny: on a busy CPU, intra-op thread sync costs ~60x more than it saves
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        fit_probe(probe, features, labels, epochs=epochs, seed=seed)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def cv_accuracy(kind: str, features: torch.Tensor, labels: torch.Tensor, pooling: str, folds: int = 5,
