@@ -228,3 +228,17 @@ def test_reward_judge_gets_a_cut_fitted_on_the_training_file(tmp_path):
                               "human_refusal": {"judge_compliance": 1, "judge_refusal": 5}}  # fmt: skip
     e = only(report, "reward (fitted cut)", "A", train="B")
     assert e["details"]["threshold"] == pytest.approx(0.5) and e["accuracy"]["value"] == pytest.approx(7 / 9)
+
+
+def test_options_that_would_do_nothing_are_refused(tmp_path):
+    f = LabelledFile(str(write_csv(tmp_path / "m.csv")))
+    for cfg, message in [
+        (AccuracyJudgesConfig(phrases=[]), "no judge to score"),
+        (AccuracyJudgesConfig(shadow_strategy="categorized"), "shadow_strategy needs judges.shadow"),
+        (AccuracyJudgesConfig(llm_judge_prompt="Refusal? {prompt} {response}"), "llm_judge_prompt needs judges.llm_judge"),
+        (AccuracyJudgesConfig(phrase_match=[]), "needs at least one judges.phrase_match"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            judge_accuracy([f], str(tmp_path / "out"), cfg, progress=False)
+    with pytest.raises(ValueError, match="names .* repeat"):
+        judge_accuracy([f, f], str(tmp_path / "out"), JBB, progress=False)

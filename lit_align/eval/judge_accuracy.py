@@ -173,6 +173,35 @@ def _probe_entries(cfg: ProbeJudgeConfig, model, tok, data: dict, index: dict, l
 
 
 # ---------------------------------------------------------------------------- the command
+def check_arguments(files: list[LabelledFile], judges: AccuracyJudgesConfig, folds: int, num_resamples: int) -> None:
+    """Refuse at set-up what would fail later or silently do nothing."""
+    if not files:
+        raise ValueError("judge-accuracy: `files` is empty; give labelled completion files")
+    names = [f.label for f in files]
+    if len(set(names)) != len(names):
+        raise ValueError(f"judge-accuracy: file names {names} repeat; give each a `name`")
+    if judges.probes or judges.shadow or judges.reward:
+        if len(files) < 2:
+            raise ValueError("judge-accuracy: learned judges (probes, shadow, reward) train on one file and "
+                             "test on another; give at least two files or drop them")  # fmt: skip
+    unused = [(judges.shadow_strategy != "linear" and not judges.shadow, "judges.shadow_strategy needs judges.shadow"),
+              (judges.llm_judge_prompt != DEFAULT_JUDGE_PROMPT and not judges.llm_judge, "judges.llm_judge_prompt needs judges.llm_judge"),
+              (bool(judges.phrases) and not judges.phrase_match, "judges.phrases needs at least one judges.phrase_match")]  # fmt: skip
+    for bad, message in unused:
+        if bad:
+            raise ValueError(f"judge-accuracy: {message}")
+    if not ((judges.phrases and judges.phrase_match) or judges.probes or judges.llm_judge or judges.shadow or judges.reward):
+        raise ValueError("judge-accuracy: no judge to score; set judges.phrases (with judges.phrase_match), probes, "
+                         "llm_judge, shadow or reward")  # fmt: skip
+    for p in judges.probes:
+        if not 0 < p.threshold < 1:
+            raise ValueError(f"judge-accuracy: probe {p.label!r} threshold={p.threshold}: a probability in (0, 1)")
+    if judges.probes and folds < 2:
+        raise ValueError(f"judge-accuracy: folds={folds}; the layer choice needs at least 2 cross-validation folds")
+    if num_resamples < 1:
+        raise ValueError(f"judge-accuracy: num_resamples={num_resamples}; the intervals need at least 1 resample")
+
+
 def judge_accuracy(
     files: list[LabelledFile],
     out_dir: str = "runs/judge_accuracy",
@@ -209,18 +238,7 @@ def judge_accuracy(
         device: "cpu", "cuda", ...
         progress: Show progress bars.
     """
-    if not files:
-        raise ValueError("judge-accuracy: `files` is empty; give labelled completion files")
-    names = [f.label for f in files]
-    if len(set(names)) != len(names):
-        raise ValueError(f"judge-accuracy: file names {names} repeat; give each a `name`")
-    learned = judges.probes or judges.shadow or judges.reward
-    if learned and len(files) < 2:
-        raise ValueError("judge-accuracy: learned judges (probes, shadow, reward) train on one file and "
-                         "test on another; give at least two files or drop them")  # fmt: skip
-    for p in judges.probes:
-        if not 0 < p.threshold < 1:
-            raise ValueError(f"judge-accuracy: probe {p.label!r} threshold={p.threshold}: a probability in (0, 1)")
+    check_arguments(files, judges, folds, num_resamples)
     out = Path(out_dir)
     loaded = {f.label: load_labelled_counted(f, partial_refusal, on_bad_rows) for f in files}
     data = {n: rows for n, (rows, _) in loaded.items()}
@@ -230,15 +248,27 @@ def judge_accuracy(
                              "skipped_rows": {n: skipped for n, (_, skipped) in loaded.items()},
                              "partial_refusal": partial_refusal, "num_resamples": num_resamples,
                              "confidence_level": lvl, "seed": seed},
-                    "human": {n: human_agreement(rows, partial_refusal, index[n], lvl) for n, rows in data.items()},
-                    "judges": []}  # fmt: skip
-    entries = report["judges"]
+                    "human": {n: human_agreement(rows, partial_refusal, index[n], lvl) for n, rows in data.items()}}  # fmt: skip
+    fit_kw = dict(folds=folds, epochs=epochs, seed=seed, batch_size=judges.batch_size, cache_dir=cache_dir, progress=progress)
+    report["judges"] = run_judges(judges, data, index, lvl, out, fit_kw, dtype, device)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(json.dumps(to_jsonable(report), indent=1))
+    (out / "report.md").write_text(markdown(report))
+    print(f"lit-align judge-accuracy: report in {out / 'report.md'}")
+    return to_jsonable(report)
+
+
+def run_judges(judges: AccuracyJudgesConfig, data: dict, index: dict, lvl: float, out: Path, fit_kw: dict,
+               dtype: str = "float32", device: str = "cpu") -> list[dict]:  # fmt: skip
+    """Every configured judge scored on `data` (file -> rows): fixed judges on each file, learned
+    ones trained on each file and tested on every other one."""
+    entries = []
     for phrases in judges.phrases:
         for match in judges.phrase_match:
             judge = RefusalPhraseJudge(phrases, match=match)
             for n, rows in data.items():
                 entries.append(_entry(f"phrases/{phrases}/{match}", None, n, score(rows, [judge.is_refusal(r["completion"]) for r in rows], index[n], lvl)))
-    models: dict[str, tuple] = {}
+    models: dict[str, tuple] = {}  # one load per backbone (the LLM judge and a probe may share it)
 
     def backbone(spec: str):
         if spec not in models:
@@ -259,16 +289,10 @@ def judge_accuracy(
             key = f"{name}:{source}:{judges.shadow_strategy}"
             values = {n: _cached(judge, rows, out / "cache" / f"{name}__{_safe(n)}.json", key).score for n, rows in data.items()}
             entries += _thresholded(name, values, data, index, lvl)
-    fit_kw = dict(folds=folds, epochs=epochs, seed=seed, batch_size=judges.batch_size, cache_dir=cache_dir, progress=progress)
     for cfg in judges.probes:
         model, tok = backbone(cfg.backbone)
         entries += _probe_entries(cfg, model, tok, data, index, lvl, out, fit_kw)
-
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "report.json").write_text(json.dumps(to_jsonable(report), indent=1))
-    (out / "report.md").write_text(markdown(report))
-    print(f"lit-align judge-accuracy: report in {out / 'report.md'}")
-    return to_jsonable(report)
+    return entries
 
 
 def _score_judge(name: str, source: str, cfg: AccuracyJudgesConfig):
