@@ -45,6 +45,7 @@ _EXPORTS: dict[str, str] = {
     "build_cod": "lit_align.srmir.cod",
     "train_shadow": "lit_align.srmir.shadow",
     "load_manifest": "lit_align.srmir.shadow",
+    "heldout_accuracy": "lit_align.srmir.accuracy",
     "ShadowRewardEnsemble": "lit_align.srmir.ensemble",
     "ShadowReRanker": "lit_align.srmir.ensemble",
     "PromptCategoryClassifier": "lit_align.srmir.classifier",
@@ -85,6 +86,8 @@ _EXPORTS: dict[str, str] = {
     "ablate": "lit_align.experiments.ablate",
     "AblationInputs": "lit_align.experiments.ablate",
     "ArmConfig": "lit_align.experiments.ablate",
+    "PrepareStep": "lit_align.experiments.prepare",
+    "filter_prompts": "lit_align.experiments.prepare",
     "CostMeter": "lit_align.experiments.costs",
 }
 

@@ -23,6 +23,7 @@ COMMANDS: dict[str, str] = {
     "build-cod": "lit_align.srmir.cod:build_cod",
     "train-shadow": "lit_align.srmir.shadow:train_shadow",
     "build-pairs": "lit_align.data.refusal_pairs:build_pairs",
+    "filter-prompts": "lit_align.experiments.prepare:filter_prompts",
 }
 
 TRAINER_SUBCOMMANDS = ("fit", "validate", "test", "predict")

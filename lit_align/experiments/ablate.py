@@ -14,7 +14,8 @@ in this process (the shared settings last, so no arm can change them), counting 
 for every arm. Each run lives in `<out_dir>/arms/<arm>/seed<seed>/`; `trained.json` and
 `DONE.json` mark its two stages, so a re-run skips what finished and redoes only a run that
 stopped part-way. Then `ablation.json`, `ablation.md` and `ablation.png` are written
-(lit_align.experiments.summary; the verdict rule is in docs/experiments.md).
+(lit_align.experiments.summary; the verdict rule is in docs/experiments.md). `prepare` steps
+(data, reward models) run once before the arms (lit_align.experiments.prepare).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from string import Template
 from typing import Optional
 
 from lit_align.experiments.costs import load_average
+from lit_align.experiments.prepare import PrepareStep
 from lit_align.experiments.summary import summarize_runs, write_summary
 
 log = logging.getLogger(__name__)
@@ -221,6 +223,19 @@ def train_run(argv: list[str], run_dir: Path) -> dict:
     return costs
 
 
+def prepared(ctx: dict) -> dict:
+    """The preparation a run was trained after (nothing when the ablation has no `prepare`)."""
+    return {"prepared": ctx["prepared"]} if ctx.get("prepared") else {}
+
+
+def check_prepared(record: dict, ctx: dict, run_dir: Path) -> None:
+    if record.get("argv") is not None and record.get("prepared") != ctx.get("prepared"):
+        raise ValueError(
+            f"ablate: {run_dir} was trained on other prepared data or reward models (the prepare steps' outputs "
+            f"changed since); delete {run_dir} to re-run it"
+        )
+
+
 def run_arm(arm: ArmConfig, seed: int, ctx: dict) -> dict:
     """Train (unless done) and evaluate (unless done with the same settings) one arm × seed."""
     from lit_align.eval.evaluate import evaluate
@@ -233,6 +248,7 @@ def run_arm(arm: ArmConfig, seed: int, ctx: dict) -> dict:
         argv = ["fit", "-c", arm.config, *arm_overrides(arm, values), *shared_overrides(ctx["inputs"], seed, ctx["max_steps"], run_dir)]
     if done.is_file():
         record = json.loads(done.read_text())
+        check_prepared(record, ctx, run_dir)
         if record.get("argv") != argv:
             raise ValueError(
                 f"ablate: {run_dir} finished with other training settings ({record.get('argv')}); "
@@ -245,6 +261,7 @@ def run_arm(arm: ArmConfig, seed: int, ctx: dict) -> dict:
     record = {"arm": arm.name, "seed": seed, "argv": argv, "train": None}
     if argv is not None and trained.is_file():
         stored = json.loads(trained.read_text())
+        check_prepared(stored, ctx, run_dir)
         if stored.get("argv") != argv:
             raise ValueError(
                 f"ablate: {run_dir} was trained with other settings ({stored.get('argv')}); "
@@ -256,7 +273,7 @@ def run_arm(arm: ArmConfig, seed: int, ctx: dict) -> dict:
             shutil.rmtree(run_dir)
         print(f"[ablate] {arm.name} seed {seed}: training: lit-align {' '.join(argv)}")
         record["train"] = train_run(argv, run_dir)
-        trained.write_text(json.dumps({"argv": argv, "costs": record["train"]}, indent=2))
+        trained.write_text(json.dumps({"argv": argv, "costs": record["train"], **prepared(ctx)}, indent=2))
     model = str(run_dir / "policy") if argv is not None else ctx["inputs"].base_model
     kwargs = dict(ctx["evaluation"])
     if kwargs.get("drift") is not None and kwargs["drift"].reference == model:
@@ -272,6 +289,7 @@ def run_arm(arm: ArmConfig, seed: int, ctx: dict) -> dict:
     record.update({
         "eval_seconds": round(time.perf_counter() - start, 2), "eval_dir": str(eval_dir.relative_to(ctx["out"])), "model": model,
         "load_average": {"start": load_start, "end": load_average()}, "evaluation": ctx["eval_fingerprint"],
+        **prepared(ctx),
     })
     gc.collect()
     done.write_text(json.dumps(record, indent=2))
@@ -290,6 +308,7 @@ def ablate(
     judge: str = "phrases",
     by_category: bool = False,
     held_out_check: bool = True,
+    prepare: Optional[list[PrepareStep]] = None,
 ) -> dict:
     """Train every arm from the same start on the same data, seeds and step budget; evaluate and compare them.
 
@@ -305,38 +324,48 @@ def ablate(
         judge: The judge whose refusal / compliance rates make the table (evaluate's judge names, e.g. phrases).
         by_category: Also tabulate the refusal rate of every category of a harmful set, and of its worst category.
         held_out_check: Stop when an evaluation prompt is also a training or validation prompt.
+        prepare: Commands run once, in order, before the arms (e.g. build-cod, train-shadow: the data
+            and reward models the arms read); each skipped when done (lit_align.experiments.prepare).
     """
+    from lit_align.experiments.prepare import check_steps, prepared_fingerprint, run_steps
+
     seeds = [0] if seeds is None else list(seeds)
+    prepare = list(prepare or [])
     check_arms(arms, seeds, baseline)
+    check_steps(prepare)
     values = _placeholders(inputs)
     eval_kwargs = evaluation_kwargs(evaluation, values, inputs.base_model)
     if any(a.config is not None for a in arms) and not inputs.data:
         raise ValueError("ablate: inputs.data is empty; name the training data every trained arm reads")
-    if held_out_check:
-        check_held_out(inputs, eval_kwargs["prompt_sets"])
+    for arm in arms:  # every placeholder resolves before anything runs
+        if arm.config is not None:
+            arm_overrides(arm, {**values, "seed": "0", "run_dir": "."})
     out = Path(out_dir)
+    if held_out_check and not prepare:
+        check_held_out(inputs, eval_kwargs["prompt_sets"])
     out.mkdir(parents=True, exist_ok=True)
+    prepared_records = run_steps(prepare, values, out)  # the data the held-out check reads may come from here
+    if held_out_check and prepare:
+        check_held_out(inputs, eval_kwargs["prompt_sets"])
     ctx = {
         "out": out, "inputs": inputs, "max_steps": max_steps, "values": values,
         "evaluation": eval_kwargs, "eval_fingerprint": fingerprint(evaluation),
+        "prepared": prepared_fingerprint(prepared_records),
     }
-    for arm in arms:  # every placeholder resolves before anything runs
-        if arm.config is not None:
-            arm_overrides(arm, {**ctx["values"], "seed": "0", "run_dir": "."})
     runs: dict[str, list[dict]] = {a.name: [] for a in arms}
     paths = {}
     for i, seed in enumerate(seeds):  # seed-major: after each round every arm has a comparable row
         for arm in arms:
             if i < (arm.num_seeds or len(seeds)):
                 runs[arm.name].append(run_arm(arm, seed, ctx))
-        paths = summarize(out, runs, judge, baseline, arms, max_steps, eval_kwargs, by_category)
+        paths = summarize(out, runs, judge, baseline, arms, max_steps, eval_kwargs, by_category, prepared_records)
     print(f"lit-align ablate: table in {paths['markdown']}")
     return json.loads(paths["json"].read_text())
 
 
 def summarize(
     out: Path, runs: dict, judge: str, baseline: Optional[str], arms: list[ArmConfig], max_steps: int, eval_kwargs: dict,
-    by_category: bool = False,
+    by_category: bool = False, prepared_records: Optional[list[dict]] = None,
 ) -> dict:
     base = next((a.name for a in arms if a.config is None), None)
     summary = summarize_runs(
@@ -346,7 +375,12 @@ def summarize(
     )
     if not summary["metrics"]:
         raise ValueError(f"ablate: judge {judge!r} gave no refusal or compliance rate; set `judge` to one of evaluate's judges")
+    if prepared_records:
+        summary["prepare"] = [
+            {**r, "report_markdown": Path(r["report"]).read_text() if r.get("report") and Path(r["report"]).is_file() else None}
+            for r in prepared_records
+        ]
     return write_summary(out, summary)
 
 
-__all__ = ["AblationInputs", "ArmConfig", "ablate"]
+__all__ = ["AblationInputs", "ArmConfig", "PrepareStep", "ablate"]

@@ -10,7 +10,14 @@ seconds are those of the fit from `on_fit_start` to `on_train_end` minus validat
 loading before and the export after are left out.
 
 Modules that sample report the tokens they generated in an integer attribute `generated_tokens`
-(OnlineDPOModule); the meter copies it.
+(OnlineDPOModule); the meter copies it. A module without one that samples through a `sample`
+method returning completions with a `completion_mask` (GRPOModule) has that method wrapped for
+the fit: the meter adds up the completion tokens (up to and including EOS) of every training call.
+
+Reward models count as the module's own models do, and also separately: `reward_forward_tokens`
+(positions) and `reward_forward_texts` (texts scored) of every model found inside `reward_funcs`,
+also in sources that are plain objects holding models (`ShadowRewardEnsemble` -> its
+`SequenceClassifierReward`s -> their Hugging Face models).
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import types
 from collections import Counter
 from pathlib import Path
 from typing import Optional
@@ -41,6 +49,14 @@ def call_positions(args: tuple, kwargs: dict) -> tuple[int, bool]:
     return positions, cached
 
 
+def call_rows(args: tuple, kwargs: dict) -> int:
+    """Sequences (texts) one model call forwards."""
+    ids = kwargs.get("input_ids", args[0] if args else None)
+    if ids is None and kwargs.get("inputs_embeds") is not None:
+        ids = kwargs["inputs_embeds"][..., 0]
+    return int(ids.shape[0]) if torch.is_tensor(ids) and ids.dim() > 1 else int(torch.is_tensor(ids))
+
+
 def is_hf_model(module) -> bool:
     return isinstance(module, torch.nn.Module) and hasattr(module, "config") and hasattr(module, "get_input_embeddings")
 
@@ -54,13 +70,43 @@ def top_hf_models(module: torch.nn.Module, prefix: str = "") -> dict[str, torch.
     return found
 
 
+_LEAVES = (str, bytes, int, float, bool, type(None), torch.Tensor, types.FunctionType, types.MethodType, types.ModuleType, type)
+
+
+def held_models(obj, prefix: str, seen: set[int], depth: int = 4) -> dict[str, torch.nn.Module]:
+    """The outermost Hugging Face models reachable from `obj` through modules, attributes, dicts
+    and lists (a reward source that is a plain object holding models), by attribute path. Each
+    model once: one whose id is in `seen` (already watched, e.g. the policy a ProbeReward reads)
+    is skipped, and every model returned is added to `seen`."""
+    if isinstance(obj, torch.nn.Module):
+        candidates = {prefix: obj} if is_hf_model(obj) else top_hf_models(obj, f"{prefix}.")
+        found = {name: m for name, m in candidates.items() if id(m) not in seen}
+        seen.update(id(m) for m in found.values())
+        return found
+    if depth == 0 or isinstance(obj, _LEAVES) or type(obj).__module__.split(".")[0] in ("transformers", "tokenizers"):
+        return {}  # tokenizers and the like hold no model worth walking into
+    if isinstance(obj, dict):
+        items = obj.items()
+    elif isinstance(obj, (list, tuple)):
+        items = enumerate(obj)
+    elif hasattr(obj, "__dict__"):
+        items = vars(obj).items()
+    else:
+        return {}
+    found: dict[str, torch.nn.Module] = {}
+    for key, value in items:
+        found.update(held_models(value, f"{prefix}.{key}", seen, depth - 1))
+    return found
+
+
 def watched_models(pl_module) -> dict[str, torch.nn.Module]:
-    """The models a module forwards: its own (`policy`, `reference`, ...) and those inside reward
-    functions that are modules (GRPO's reward models, a shadow-model ensemble)."""
+    """The models a module forwards: its own (`policy`, `reference`, ...) and those inside its
+    reward functions, whether a source is a model, a module holding models, or a plain object
+    holding them (a shadow-model ensemble); each model once."""
     found = top_hf_models(pl_module)
+    seen = {id(m) for m in found.values()}
     for i, source in enumerate(getattr(pl_module, "reward_funcs", None) or []):
-        if isinstance(source, torch.nn.Module):
-            found.update({f"reward_funcs.{i}": source} if is_hf_model(source) else top_hf_models(source, f"reward_funcs.{i}."))
+        found.update(held_models(source, f"reward_funcs.{i}", seen))
     return found
 
 
@@ -77,11 +123,14 @@ class CostMeter(L.Callback):
     def __init__(self, models: Optional[list[str]] = None, out: Optional[str] = None):
         self.models, self.out = models, out
         self.counts: Counter = Counter()
+        self.rows: Counter = Counter()
+        self.generated = 0  # tokens sampled through a wrapped `sample` (modules without `generated_tokens`)
         self.seconds = 0.0
         self.validation_seconds = 0.0
         self._start: Optional[float] = None
         self._validation_start: Optional[float] = None
         self._handles: list = []
+        self._wrapped = None
         self._trainer = None
         self.summary: dict = {}
 
@@ -102,13 +151,33 @@ class CostMeter(L.Callback):
             positions, cached = call_positions(args, kwargs)
             kind = "sampling" if cached else ("forward_grad" if torch.is_grad_enabled() else "forward_nograd")
             self.counts[f"{name}/{kind}"] += positions
+            self.rows[f"{name}/{kind}"] += call_rows(args, kwargs)
 
         return hook
+
+    def _count_samples(self, pl_module) -> None:
+        """Wrap `pl_module.sample` (an instance attribute, removed at fit end) to count the tokens
+        it generates in training, when the module keeps no `generated_tokens` count itself."""
+        original = getattr(pl_module, "sample", None)
+        if hasattr(pl_module, "generated_tokens") or not callable(original) or "sample" in vars(pl_module):
+            return
+
+        def sample(*args, **kwargs):
+            out = original(*args, **kwargs)
+            trainer = self._trainer
+            mask = getattr(out, "completion_mask", None)
+            if torch.is_tensor(mask) and not (trainer is not None and (trainer.sanity_checking or trainer.validating)):
+                self.generated += int(mask.sum())
+            return out
+
+        pl_module.sample = sample
+        self._wrapped = pl_module
 
     def on_fit_start(self, trainer, pl_module) -> None:
         self._trainer = trainer
         for name, model in self._watched(pl_module).items():
             self._handles.append(model.register_forward_pre_hook(self._counter(name), with_kwargs=True))
+        self._count_samples(pl_module)
         self._start = time.perf_counter()
 
     # ---------------------------------------------------------------- timing
@@ -130,16 +199,22 @@ class CostMeter(L.Callback):
         for handle in self._handles:
             handle.remove()
         self._handles = []
+        if self._wrapped is not None:
+            del self._wrapped.sample  # the class's method again
+            self._wrapped = None
         if self.out is not None and trainer.is_global_zero:
             Path(self.out).parent.mkdir(parents=True, exist_ok=True)
             Path(self.out).write_text(json.dumps(self.summary, indent=2))
 
     def summarize(self, trainer, pl_module) -> dict:
-        """Totals: seconds, steps, forward / sampling positions, generated tokens, and per model."""
+        """Totals: seconds, steps, forward / sampling positions, generated tokens, reward-model
+        forwards, and per model (positions in `by_model`, texts in `by_model_texts`)."""
         by_kind = Counter()
         for key, n in self.counts.items():
             by_kind[key.split("/")[1]] += n
         generated = getattr(pl_module, "generated_tokens", None)
+        generated = self.generated if generated is None else generated
+        reward = lambda counter: sum(n for key, n in counter.items() if key.startswith("reward_funcs."))  # noqa: E731
         return {
             "train_seconds": round(self.seconds, 2),
             "validation_seconds": round(self.validation_seconds, 2),
@@ -147,18 +222,23 @@ class CostMeter(L.Callback):
             "forward_tokens": by_kind["forward_grad"] + by_kind["forward_nograd"],
             "forward_tokens_grad": by_kind["forward_grad"],
             "sampling_forward_tokens": by_kind["sampling"],
-            "generated_tokens": int(generated) if generated is not None else 0,
+            "generated_tokens": int(generated),
+            "reward_forward_tokens": reward(self.counts),
+            "reward_forward_texts": reward(self.rows),
             "by_model": dict(sorted(self.counts.items())),
+            "by_model_texts": dict(sorted(self.rows.items())),
         }
 
     # ---------------------------------------------------------------- resume
     def state_dict(self) -> dict:
         elapsed = time.perf_counter() - self._start - self.validation_seconds if self._start is not None else 0.0
-        return {"counts": dict(self.counts), "seconds": self.seconds + elapsed}
+        return {"counts": dict(self.counts), "rows": dict(self.rows), "generated": self.generated, "seconds": self.seconds + elapsed}
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.counts = Counter(state_dict.get("counts", {}))
+        self.rows = Counter(state_dict.get("rows", {}))
+        self.generated = int(state_dict.get("generated", 0))
         self.seconds = float(state_dict.get("seconds", 0.0))
 
 
-__all__ = ["CostMeter", "call_positions", "load_average", "watched_models"]
+__all__ = ["CostMeter", "call_positions", "call_rows", "held_models", "load_average", "watched_models"]

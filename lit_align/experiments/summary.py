@@ -188,16 +188,41 @@ def _mean(values: list) -> float:
     return statistics.fmean(values) if values else math.nan
 
 
-def cost_row(arm: str, runs: list[dict]) -> list[str]:
+def cost_row(arm: str, runs: list[dict], reward: bool = False) -> list[str]:
+    """One arm's cost row; `reward` adds the reward models' forwards (texts scored, positions)."""
     trained = [r for r in runs if r.get("train")]
-    mean = lambda key: _mean([r["train"][key] for r in trained])  # noqa: E731
+    mean = lambda key: _mean([r["train"].get(key, 0) for r in trained])  # noqa: E731
     loads = [f"{r['load_average']['start'][0]}→{r['load_average']['end'][0]}" for r in runs]
     if not trained:
-        return [arm, "–", "–", f"{_mean([r['eval_seconds'] for r in runs]):.0f}", "–", "–", "–", ", ".join(loads)]
+        return [arm, "–", "–", f"{_mean([r['eval_seconds'] for r in runs]):.0f}", "–", "–", "–", *(["–"] if reward else []), ", ".join(loads)]
+    rewards = [f"{mean('reward_forward_texts'):,.0f} / {mean('reward_forward_tokens'):,.0f}"] if reward else []
     return [
         arm, str(trained[0]["train"]["steps"]), f"{mean('train_seconds'):.0f}", f"{_mean([r['eval_seconds'] for r in runs]):.0f}",
-        f"{mean('forward_tokens'):,.0f}", f"{mean('sampling_forward_tokens'):,.0f}", f"{mean('generated_tokens'):,.0f}", ", ".join(loads),
+        f"{mean('forward_tokens'):,.0f}", f"{mean('sampling_forward_tokens'):,.0f}", f"{mean('generated_tokens'):,.0f}",
+        *rewards, ", ".join(loads),
     ]
+
+
+def uses_reward_models(summary: dict) -> bool:
+    return any((r.get("train") or {}).get("reward_forward_texts") for rs in summary["runs"].values() for r in rs)
+
+
+def preparation(summary: dict) -> list[str]:
+    """The prepare steps' cost, then each step's report (e.g. the reward models' held-out accuracy)."""
+    steps = summary.get("prepare") or []
+    if not steps:
+        return []
+    out = ["", "## Preparation", "", "Run once before the arms (data, reward models); seconds of the whole command, "
+           "1-minute load average at its start and end.", ""]
+    out += _table(["step", "command", "seconds", "load avg"], [
+        [r["name"], "lit-align " + " ".join(r["argv"]), f"{r['seconds']:.0f}",
+         f"{r['load_average']['start'][0]}→{r['load_average']['end'][0]}"] for r in steps
+    ])
+    for r in steps:
+        if r.get("report_markdown"):
+            body = r["report_markdown"].strip().splitlines()  # its headings two levels down, under this section
+            out += ["", f"### {r['name']}: {r['report']}", "", *(("##" + line if line.startswith("#") else line) for line in body)]
+    return out
 
 
 def markdown(summary: dict) -> str:
@@ -223,13 +248,16 @@ def markdown(summary: dict) -> str:
     out += ["", "## Cost", "", "Mean over seeds. Seconds of training (validation excluded) and of evaluation; tokens: "
             "positions the models forwarded in full forwards (policy with backward, reference, scoring) and while "
             "sampling, and the tokens sampled; 1-minute load average at the start and end of each run.", ""]
-    header = ["arm", "steps", "train s", "eval s", "forward tokens", "sampling positions", "generated tokens", "load avg"]
-    out += _table(header, [cost_row(a, summary["runs"][a]) for a in arms])
+    reward = uses_reward_models(summary)
+    header = ["arm", "steps", "train s", "eval s", "forward tokens", "sampling positions", "generated tokens",
+              *(["reward-model forwards (texts / positions)"] if reward else []), "load avg"]
+    out += _table(header, [cost_row(a, summary["runs"][a], reward) for a in arms])
     out += ["", "## Verdicts", "", "better / worse / no clear difference: better (worse) when the pooled intervals do not "
             "overlap and every seed of the arm is better (worse) than every seed of the other (docs/experiments.md).", ""]
     out += _table(["arm", "against", *keys], [
         [v["arm"], v["against"], *(v["verdicts"].get(k, "–") for k in keys)] for v in summary["verdicts"]
     ])
+    out += preparation(summary)
     return "\n".join(out) + "\n"
 
 

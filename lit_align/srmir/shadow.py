@@ -7,7 +7,14 @@ next to them maps category -> exported Hugging Face directory:
     {"format": "lit_align.srmir.shadow", "version": 1, "backbone": {...}, "head": ...,
      "categories": {"insult": {"path": "insult", "train_pairs": 40, "val_pairs": 10,
                                "eval_accuracy": 0.9, ...}, ...},
+     "splits": {"insult": {"train": "data/insult.train.jsonl", "heldout": "data/insult.heldout.jsonl"}, ...},
      "classifier": "category_classifier.pt"}
+
+Each category's pairs are split once (a seeded permutation, `val_fraction` held out); `pooled:
+true` trains one model on the union of the same training splits instead (the paper-B baseline:
+one reward model for every category), written as a one-model manifest (`categories: {"pooled":
+...}`) that `ShadowRewardEnsemble(strategy="linear")` scores as that model. `heldout_accuracy`
+tabulates the pairwise accuracy per category on the held-out pairs (lit_align/srmir/accuracy.py).
 """
 
 from __future__ import annotations
@@ -77,6 +84,49 @@ def load_manifest(path: str | Path) -> dict:
 
 
 # ---------------------------------------------------------------------------- data
+def read_jsonl(path: Path) -> list[dict]:
+    rows = []
+    for i, line in enumerate(path.read_text().splitlines()):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                raise ValueError(f"{path} line {i + 1}: not valid JSON") from None
+    return rows
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    return path
+
+
+def split_pairs(rows: list, val_fraction: float, seed: int) -> tuple[list, list]:
+    """(train, held out), both in file order: `round(n · val_fraction)` rows of a seeded
+    permutation are held out (the split AlignDataModule makes of one file with this seed)."""
+    order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed)).tolist()
+    held = set(order[: int(round(len(rows) * val_fraction))])
+    return [r for i, r in enumerate(rows) if i not in held], [r for i, r in enumerate(rows) if i in held]
+
+
+def write_splits(per_category: dict[str, Path], categories: list[str], val_fraction: float, seed: int) -> dict:
+    """Split each category's pairs once: `<c>.train.jsonl`, `<c>.heldout.jsonl` next to them, and
+    their unions `train.jsonl` / `heldout.jsonl` (the pooled model's data). Returns
+    {category: {train, heldout, train_pairs, heldout_pairs}} with paths relative to `out_dir`."""
+    splits, union = {}, {"train": [], "heldout": []}
+    for c in categories:
+        train, heldout = split_pairs(read_jsonl(per_category[c]), val_fraction, seed)
+        folder = per_category[c].parent
+        _write_jsonl(folder / f"{c}.train.jsonl", train)
+        _write_jsonl(folder / f"{c}.heldout.jsonl", heldout)
+        union["train"] += train
+        union["heldout"] += heldout
+        splits[c] = {"train": f"{folder.name}/{c}.train.jsonl", "heldout": f"{folder.name}/{c}.heldout.jsonl",
+                     "train_pairs": len(train), "heldout_pairs": len(heldout)}
+    for name, rows in union.items():
+        _write_jsonl(next(iter(per_category.values())).parent / f"{name}.jsonl", rows)
+    return splits
+
+
 def split_by_category(data: Path, out_dir: Path) -> dict[str, Path]:
     """One JSONL per category (the AlignDataModule input for that category's run)."""
     rows = defaultdict(list)
@@ -101,12 +151,12 @@ def split_by_category(data: Path, out_dir: Path) -> dict[str, Path]:
 
 # ---------------------------------------------------------------------------- training
 def train_one(
-    category: str, data_path: Path, out_dir: Path, backbone: PolicyConfig, head: str, margin: float,
-    center_rewards_coefficient: Optional[float], lr: float, weight_decay: float, max_steps: int,
-    batch_size: int, val_fraction: float, max_prompt_length: int, max_completion_length: int,
-    accelerator: str, seed: int,
+    category: str, data_path: Path, val_path: Optional[Path], out_dir: Path, backbone: PolicyConfig, head: str,
+    margin: float, center_rewards_coefficient: Optional[float], lr: float, weight_decay: float, max_steps: int,
+    batch_size: int, max_prompt_length: int, max_completion_length: int, accelerator: str, seed: int,
 ) -> dict:
-    """Fit one RewardModule on one category's pairs, export it, return its manifest entry."""
+    """Fit one RewardModule on `data_path`'s pairs (a category's, or all of them: `pooled`),
+    validate on `val_path`'s, export it to `<out_dir>/<category>`, return its manifest entry."""
     import lightning as L
     from lightning.pytorch.loggers import CSVLogger
 
@@ -114,8 +164,7 @@ def train_one(
     from lit_align.modules.reward import RewardModule
 
     L.seed_everything(seed, verbose=False)
-    n_rows = sum(1 for line in data_path.read_text().splitlines() if line.strip())
-    n_train = n_rows - int(round(n_rows * val_fraction))
+    n_train = sum(1 for line in data_path.read_text().splitlines() if line.strip())
     if n_train < batch_size:  # small categories still train, on every pair each step
         log.warning("%s: %d training pairs, fewer than batch_size=%d; using batch_size=%d", category, n_train, batch_size, max(n_train, 1))
         batch_size = max(n_train, 1)
@@ -124,7 +173,8 @@ def train_one(
         optimizer=functools.partial(torch.optim.AdamW, lr=lr, weight_decay=weight_decay),
     )
     data = AlignDataModule(
-        str(data_path), mode="preference", format="generic", val_fraction=val_fraction, batch_size=batch_size,
+        str(data_path), mode="preference", format="generic", val_path=str(val_path) if val_path else None,
+        val_fraction=0.0, batch_size=batch_size,
         max_prompt_length=max_prompt_length, max_completion_length=max_completion_length, seed=seed,
     )
     trainer = L.Trainer(
@@ -158,8 +208,11 @@ def train_shadow(
     max_prompt_length: int = 256,
     max_completion_length: int = 128,
     accelerator: str = "auto",
-    train_classifier: bool = True,
+    train_classifier: Optional[bool] = None,
     seed: int = 0,
+    pooled: bool = False,
+    pooled_max_steps: Optional[int] = None,
+    compare_with: Optional[str] = None,
 ) -> dict:
     """Train one shadow reward model per category and write `<out_dir>/manifest.json` (SPEC B2).
 
@@ -176,19 +229,34 @@ def train_shadow(
         weight_decay: AdamW weight decay.
         max_steps: Optimiser steps per category.
         batch_size: Pairs per step.
-        val_fraction: Pairs of each category held out for the reported pairwise accuracy.
+        val_fraction: Pairs of each category held out (the same seeded split for the per-category
+            and the pooled models) for the pairwise accuracy table.
         max_prompt_length: Prompt tokens kept.
         max_completion_length: Response tokens kept.
         accelerator: Lightning accelerator ("auto", "cpu", "gpu").
         train_classifier: Also fit the prompt -> category classifier the categorized ensemble
-            uses for prompts without a category.
+            uses for prompts without a category; None: yes, unless `pooled` (nothing routes).
         seed: Seed for the splits, initialisation and shuffling.
+        pooled: Train ONE model on the union of every category's training split (a single reward
+            model for all categories) instead of one per category; manifest `categories: {pooled: ...}`.
+        pooled_max_steps: Optimiser steps of the pooled model; None: `max_steps` × the number of
+            categories (the per-category models' steps together: the same training compute).
+        compare_with: With `pooled`: the per-category run's manifest (same data, categories,
+            val_fraction and seed, hence the same held-out pairs: checked); the accuracy table
+            then sets the pooled model beside the shadow models.
 
     Returns:
-        The manifest (also written to `<out_dir>/manifest.json`).
+        The manifest (also written to `<out_dir>/manifest.json`); `<out_dir>/heldout_accuracy.{json,md}`
+        hold the held-out pairwise accuracy per category.
     """
+    from lit_align.srmir.accuracy import heldout_accuracy
+
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if compare_with is not None and not pooled:
+        raise ValueError("train-shadow: compare_with sets a pooled model beside shadow models; set pooled: true")
+    if pooled and train_classifier:
+        raise ValueError("train-shadow: pooled: true trains one model that nothing routes to; set train_classifier: false")
     data_path, out = Path(data), Path(out_dir)
     if not data_path.is_file():
         raise FileNotFoundError(f"shadow training data {data_path} does not exist (run lit-align build-cod first)")
@@ -197,29 +265,37 @@ def train_shadow(
     missing = [c for c in chosen if c not in per_category]
     if missing:
         raise ValueError(f"{data_path} has no pairs for categories {missing} (it has {sorted(per_category)})")
+    steps = (pooled_max_steps or max_steps * len(chosen)) if pooled else max_steps
     manifest = {
-        "format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, "strategy": "one model per category, sequential runs",
+        "format": MANIFEST_FORMAT, "version": MANIFEST_VERSION,
+        "strategy": "one model on every category's pairs (pooled)" if pooled else "one model per category, sequential runs",
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "data": str(data_path.resolve()),
-        "backbone": asdict(backbone), "head": head, "categories": {},
+        "backbone": asdict(backbone), "head": head, "categories": {}, "pooled": pooled,
         "training": dict(margin=margin, center_rewards_coefficient=center_rewards_coefficient, lr=lr,
-                         weight_decay=weight_decay, max_steps=max_steps, batch_size=batch_size,
+                         weight_decay=weight_decay, max_steps=steps, batch_size=batch_size,
                          val_fraction=val_fraction, seed=seed),
+        "splits": write_splits(per_category, chosen, val_fraction, seed),
     }
-    for category in chosen:
-        log.info("shadow model %s: training on %s", category, per_category[category])
-        manifest["categories"][category] = train_one(
-            category, per_category[category], out, backbone, head, margin, center_rewards_coefficient, lr,
-            weight_decay, max_steps, batch_size, val_fraction, max_prompt_length, max_completion_length, accelerator, seed,
-        )
+    train_args = (out, backbone, head, margin, center_rewards_coefficient, lr, weight_decay, steps, batch_size,
+                  max_prompt_length, max_completion_length, accelerator, seed)
+    runs = {"pooled": ("train.jsonl", "heldout.jsonl")} if pooled else {
+        c: (f"{c}.train.jsonl", f"{c}.heldout.jsonl") for c in chosen}
+    for name, (train_file, heldout_file) in runs.items():
+        heldout = out / "data" / heldout_file
+        log.info("shadow model %s: training on %s", name, out / "data" / train_file)
+        manifest["categories"][name] = train_one(
+            name, out / "data" / train_file, heldout if heldout.read_text().strip() else None, *train_args)
         write_manifest(out, manifest)  # a crash later still leaves the finished models usable
-    if train_classifier and len(chosen) > 1:
+    if (not pooled if train_classifier is None else train_classifier) and len(chosen) > 1:
         from lit_align.srmir.classifier import PromptCategoryClassifier
 
-        rows = [json.loads(line) for c in chosen for line in per_category[c].read_text().splitlines()]
+        rows = [r for c in chosen for r in read_jsonl(per_category[c])]
         clf = PromptCategoryClassifier(chosen).fit([r["prompt"] for r in rows], [r["category"] for r in rows], seed=seed)
         clf.save(out / "category_classifier.pt")
         manifest["classifier"] = "category_classifier.pt"
     write_manifest(out, manifest)
-    for category, entry in manifest["categories"].items():
-        log.info("%s: held-out pairwise accuracy %s on %d pairs", category, entry.get("eval_accuracy"), entry["val_pairs"])
+    for name, entry in manifest["categories"].items():
+        log.info("%s: held-out pairwise accuracy %s on %d pairs", name, entry.get("eval_accuracy"), entry["val_pairs"])
+    if any(s["heldout_pairs"] for s in manifest["splits"].values()):
+        heldout_accuracy([compare_with, str(out)] if compare_with else [str(out)], str(out))
     return manifest
