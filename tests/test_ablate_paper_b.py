@@ -194,13 +194,14 @@ def test_table_values_are_the_runs_report_values_by_category(ablation):
 
 
 def completions(base: Path, arm: str) -> list[dict]:
-    return list(csv.DictReader((base / "out" / "arms" / arm / "seed0" / "train" / "completions.csv").open()))
+    return list(csv.DictReader((base / "out" / "arms" / arm / "seed0" / "train" / "completions.csv").open(newline="")))
 
 
 def test_each_arm_is_rewarded_by_its_reward_models_and_unknown_categories_are_routed(ablation):
-    """Every logged GRPO sample's reward, re-scored: pooled by the pooled model, linear by the mean
-    of the shadow models, categorized by the model of its category; an `other` prompt (no model) by
-    the model of the category the prompt classifier predicts, never no reward."""
+    """Every logged GRPO sample's reward, re-scored (each step's samples in the batches GRPO scored
+    them in, so the padding and hence the floats are the same): pooled by the pooled model, linear
+    by the mean of the shadow models, categorized by the model of its category; an `other` prompt
+    (no model) by the model of the category the prompt classifier predicts, never no reward."""
     from lit_align.rewards import SequenceClassifierReward
     from lit_align.srmir.classifier import PromptCategoryClassifier
 
@@ -210,22 +211,37 @@ def test_each_arm_is_rewarded_by_its_reward_models_and_unknown_categories_are_ro
     pooled = SequenceClassifierReward(str(base / "pooled" / "pooled"))
     classifier = PromptCategoryClassifier.load(base / "shadow" / "category_classifier.pt")
 
-    def check(arm, expected_reward):
-        rows = completions(base, arm)
-        assert len(rows) == 3 * 16  # every sample of the 3 steps
-        got = torch.tensor([float(r["shadow"]) for r in rows])
-        assert not got.isnan().any()
-        torch.testing.assert_close(got, torch.tensor([expected_reward(r) for r in rows]))
-        return rows
-
-    check("pooled", lambda r: pooled([r["prompt"]], [r["completion"]])[0])
-    check("linear", lambda r: sum(m([r["prompt"]], [r["completion"]])[0] for m in models.values()) / 3)
-
     def routed(r):
         c = category[r["prompt"]]
         return c if c in models else classifier.predict([r["prompt"]])[0]
 
-    rows = check("categorized", lambda r: models[routed(r)]([r["prompt"]], [r["completion"]])[0])
+    def linear(prompts, texts):
+        total = torch.zeros(len(texts))
+        for m in models.values():
+            total += (1 / 3) * torch.tensor(m(prompts, texts))
+        return total.tolist()
+
+    def categorized(rows):
+        out = [None] * len(rows)
+        routes = [routed(r) for r in rows]
+        for c in sorted(set(routes)):
+            idx = [i for i, route in enumerate(routes) if route == c]
+            for i, v in zip(idx, models[c]([rows[i]["prompt"] for i in idx], [rows[i]["completion"] for i in idx])):
+                out[i] = v
+        return out
+
+    def check(arm, score_step):
+        rows = completions(base, arm)
+        assert len(rows) == 3 * 16  # every sample of the 3 steps
+        got = torch.tensor([float(r["shadow"]) for r in rows])
+        assert not got.isnan().any()
+        expected = [v for step in sorted({r["step"] for r in rows}, key=int) for v in score_step([r for r in rows if r["step"] == step])]
+        torch.testing.assert_close(got, torch.tensor(expected))
+        return rows
+
+    check("pooled", lambda rows: pooled([r["prompt"] for r in rows], [r["completion"] for r in rows]))
+    check("linear", lambda rows: linear([r["prompt"] for r in rows], [r["completion"] for r in rows]))
+    rows = check("categorized", categorized)
     others = [r for r in rows if category[r["prompt"]] == "other"]
     assert others, "no `other` prompt in the categorized arm's batches"
 
