@@ -260,6 +260,7 @@ def test_costs_count_samples_and_reward_model_forwards(ablation):
     for arm in ("pooled", "linear", "categorized"):
         c = costs[arm]
         assert c["steps"] == 3 and 3 * 16 <= c["generated_tokens"] <= 3 * 16 * 8
+        assert c["by_model"]["policy/forward_grad"] == c["by_model"]["reference/forward_nograd"] > 0
         assert c["reward_forward_tokens"] == sum(n for k, n in c["by_model"].items() if k.startswith("reward_funcs."))
     cost_rows = {r[0]: r for r in table_rows((base / "out" / "ablation.md").read_text(), "Cost")}
     assert cost_rows["linear"][7] == f"{3 * texts:,} / {costs['linear']['reward_forward_tokens']:,}"
@@ -296,6 +297,11 @@ def test_cost_meter_counts_grpo_generated_tokens_as_the_module_logs_them(ablatio
     trainer.fit(module, datamodule=data)
     assert meter.summary["generated_tokens"] == round(lengths.tokens) > 0
     assert meter.summary["reward_forward_texts"] == 2 * 3 * 4 * 3
+    # the log-probs pass a KV cache (the shared prompt) but are forwards, not sampling: the policy's
+    # (with backward) and the reference's cover the same rollout positions
+    counts = meter.summary["by_model"]
+    assert counts["policy/forward_grad"] == counts["reference/forward_nograd"] > 0
+    assert counts["policy/sampling"] >= meter.summary["generated_tokens"] and "reference/sampling" not in counts
     assert "sample" not in vars(module)  # the wrapper is gone after the fit
 
 

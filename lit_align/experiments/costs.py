@@ -10,9 +10,11 @@ seconds are those of the fit from `on_fit_start` to `on_train_end` minus validat
 loading before and the export after are left out.
 
 Modules that sample report the tokens they generated in an integer attribute `generated_tokens`
-(OnlineDPOModule); the meter copies it. A module without one that samples through a `sample`
-method returning completions with a `completion_mask` (GRPOModule) has that method wrapped for
-the fit: the meter adds up the completion tokens (up to and including EOS) of every training call.
+(OnlineDPOModule); the meter copies it. A module that samples through a `sample` method (GRPOModule)
+has that method wrapped for the fit: the calls made inside it are the sampling, every other call
+is a full forward even when it passes a KV cache (GRPO's shared-prompt log-probs do), and, when
+the module keeps no `generated_tokens`, the meter adds up the completion tokens (up to and
+including EOS, the returned `completion_mask`) of every training call.
 
 Reward models count as the module's own models do, and also separately: `reward_forward_tokens`
 (positions) and `reward_forward_texts` (texts scored) of every model found inside `reward_funcs`,
@@ -131,6 +133,7 @@ class CostMeter(L.Callback):
         self._validation_start: Optional[float] = None
         self._handles: list = []
         self._wrapped = None
+        self._sampling = False
         self._trainer = None
         self.summary: dict = {}
 
@@ -149,24 +152,31 @@ class CostMeter(L.Callback):
             if trainer is not None and (trainer.sanity_checking or trainer.validating):
                 return
             positions, cached = call_positions(args, kwargs)
-            kind = "sampling" if cached else ("forward_grad" if torch.is_grad_enabled() else "forward_nograd")
+            sampling = self._sampling if self._wrapped is not None else cached  # a wrapped `sample` delimits it
+            kind = "sampling" if sampling else ("forward_grad" if torch.is_grad_enabled() else "forward_nograd")
             self.counts[f"{name}/{kind}"] += positions
             self.rows[f"{name}/{kind}"] += call_rows(args, kwargs)
 
         return hook
 
     def _count_samples(self, pl_module) -> None:
-        """Wrap `pl_module.sample` (an instance attribute, removed at fit end) to count the tokens
-        it generates in training, when the module keeps no `generated_tokens` count itself."""
+        """Wrap `pl_module.sample` (an instance attribute, removed at fit end): the model calls inside
+        it are sampling, and the tokens it returns are counted when the module keeps no
+        `generated_tokens` count itself."""
         original = getattr(pl_module, "sample", None)
-        if hasattr(pl_module, "generated_tokens") or not callable(original) or "sample" in vars(pl_module):
+        if not callable(original) or "sample" in vars(pl_module):
             return
+        own_count = hasattr(pl_module, "generated_tokens")
 
         def sample(*args, **kwargs):
-            out = original(*args, **kwargs)
+            self._sampling = True
+            try:
+                out = original(*args, **kwargs)
+            finally:
+                self._sampling = False
             trainer = self._trainer
             mask = getattr(out, "completion_mask", None)
-            if torch.is_tensor(mask) and not (trainer is not None and (trainer.sanity_checking or trainer.validating)):
+            if not own_count and torch.is_tensor(mask) and not (trainer is not None and (trainer.sanity_checking or trainer.validating)):
                 self.generated += int(mask.sum())
             return out
 
