@@ -10,12 +10,15 @@ the first 32 harmful prompts of refusal_direction/harmful_train.json, left-padde
 96 new tokens; configs `sample` (temperature 0.7, top-p 0.95, generator seed 0) and `greedy`.
 
 Variants:
-* before  `lit_align/sampling.py` as of BEFORE (read from git): DynamicCache grown by
-          concatenation, every row computed to the end, top-p's full sort for the whole batch
-          whenever one row's nucleus is not in its top 64; float32
-* lean    today's `sample_ids`, float32 (same ids as `before` is checked)
-* int8    today's `sample_ids` on `int8_for_generation(model)` (opt-in; ids differ, see the JSON)
-* bf16    today's `sample_ids` on the model loaded in bfloat16 (`PolicyConfig(dtype="bfloat16")`)
+* before    `lit_align/sampling.py` as of HISTORY["before"] (read from git): DynamicCache grown by
+            concatenation, every row computed to the end, top-p's full sort for the whole batch
+            whenever one row's nucleus is not in its top 64; float32
+* prealloc  as of HISTORY["prealloc"]: + KV cache in preallocated buffers, ended rows dropped from
+            the forwards, top-p's wider search per row
+* lean      today's `sample_ids`, float32: + the shared prompt prefix's keys/values kept once and
+            read by shared-prefix attention (the ids of all three are compared)
+* int8      today's `sample_ids` on `int8_for_generation(model)` (opt-in; ids differ, see the JSON)
+* bf16      today's `sample_ids` on the model loaded in bfloat16 (`PolicyConfig(dtype="bfloat16")`)
 
 Timing: one warm-up round, then --repeats rounds; a round runs every (config, variant) once, so
 load from other processes hits all alike. Per (config, variant): median wall seconds and median
@@ -49,23 +52,27 @@ import torch
 
 from bench import harness
 
-BEFORE = "a771d31d57fe97e09f0f5fd70cb67aabe7bcdb70"  # the last commit with the sampler this benchmark started from
+HISTORY = {  # variants that run lit_align/sampling.py as of a commit
+    "before": "a771d31d57fe97e09f0f5fd70cb67aabe7bcdb70",  # the sampler this benchmark started from
+    "prealloc": "44e95f7",  # + preallocated KV cache, ended rows dropped, top-p's wider search per row
+}
 HARMFUL = harness.ROOT.parent / "shared" / "data" / "refusal_direction" / "harmful_train.json"
 ROWS, NEW_TOKENS = 32, 96
 CONFIGS = {"sample": dict(temperature=0.7, top_p=0.95), "greedy": dict(temperature=0.0)}
-VARIANTS = ("before", "lean", "int8", "bf16")
+VARIANTS = ("before", "prealloc", "lean", "int8", "bf16")
 
 
 # ---------------------------------------------------------------------------- samplers and models
-def before_module():
-    """`lit_align.sampling` as of BEFORE, imported from `git show` as a module of its own."""
-    proc = subprocess.run(["git", "show", f"{BEFORE}:lit_align/sampling.py"], cwd=harness.ROOT, capture_output=True, text=True)
+def module_at(variant: str):
+    """`lit_align.sampling` as of HISTORY[variant], from `git show`, imported as a module of its own."""
+    commit = HISTORY[variant]
+    proc = subprocess.run(["git", "show", f"{commit}:lit_align/sampling.py"], cwd=harness.ROOT, capture_output=True, text=True)
     if proc.returncode:
-        raise SystemExit(f"variant 'before' needs git history with commit {BEFORE}: {proc.stderr.strip()} "
-                         "(leave it out with --variants lean,int8,bf16)")
-    path = Path(tempfile.mkdtemp()) / "sampling_before.py"
+        raise SystemExit(f"variant {variant!r} needs git history with commit {commit}: {proc.stderr.strip()} "
+                         "(leave it out with --variants)")
+    path = Path(tempfile.mkdtemp()) / f"sampling_{variant}.py"
     path.write_text(proc.stdout)
-    spec = importlib.util.spec_from_file_location("sampling_before", path)
+    spec = importlib.util.spec_from_file_location(f"sampling_{variant}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -79,21 +86,29 @@ def load(name: str, dtype: str = "float32"):
 
 
 def samplers(name: str, variants: list[str]) -> tuple[dict, object]:
-    """{variant: (sample_ids function, model)} and the tokenizer."""
+    """{variant: (sample_ids function, model)} and the tokenizer. The float32 model is loaded only
+    when a variant needs it; int8 quantises it in place when no other variant does (as a user would)."""
     from lit_align import sampling
 
-    model, tokenizer = load(name)
+    models: dict = {}
+
+    def float32():
+        if "float32" not in models:
+            models["float32"] = load(name)
+        return models["float32"][0]
+
     out = {}
     for v in variants:
-        if v == "before":
-            out[v] = (before_module().sample_ids, model)
+        if v in HISTORY:
+            out[v] = (module_at(v).sample_ids, float32())
         elif v == "lean":
-            out[v] = (sampling.sample_ids, model)
+            out[v] = (sampling.sample_ids, float32())
         elif v == "int8":
-            out[v] = (sampling.sample_ids, sampling.int8_for_generation(copy.deepcopy(model)))
+            out[v] = (sampling.sample_ids, sampling.int8_for_generation(float32() if variants == ["int8"] else copy.deepcopy(float32())))
         elif v == "bf16":
-            out[v] = (sampling.sample_ids, load(name, "bfloat16")[0])
-    return out, tokenizer
+            models["bfloat16"] = load(name, "bfloat16")
+            out[v] = (sampling.sample_ids, models["bfloat16"][0])
+    return out, next(iter(models.values()))[1]
 
 
 def prompts(tokenizer, quick: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -209,10 +224,10 @@ def time_all(name: str, variants: list[str], repeats: int, quick: bool) -> dict:
         if ("before" in variants) and v != "before":
             before = outputs[config, "before"]
             row["same_ids_as_before"] = before.shape == ids_v.shape and bool(torch.equal(before, ids_v))
-            row["rows_same_as_before"] = rows_equal(before, ids_v)
+            row["rows_same_as_before"] = rows_equal(before, ids_v, tokenizer.eos_token_id)
         if v in ("int8", "bf16") and "lean" in variants:
-            row["rows_same_as_lean"] = rows_equal(outputs[config, "lean"], ids_v)
-            row["first_difference_vs_lean"] = first_differences(outputs[config, "lean"], ids_v)
+            row["rows_same_as_lean"] = rows_equal(outputs[config, "lean"], ids_v, tokenizer.eos_token_id)
+            row["first_difference_vs_lean"] = first_differences(outputs[config, "lean"], ids_v, tokenizer.eos_token_id)
             row["vs_float32_along_lean_samples"] = divergence(found["lean"][1], model, ids, mask, outputs[config, "lean"], tokenizer.eos_token_id)
         row["valid_cod"] = sum(is_valid_cod(t) for t in tokenizer.batch_decode(ids_v, skip_special_tokens=True))
         rows.append(row)
@@ -220,17 +235,22 @@ def time_all(name: str, variants: list[str], repeats: int, quick: bool) -> dict:
     return {**result, "best_limits": best, "runs": rows, "first_row_texts": texts}
 
 
-def rows_equal(a: torch.Tensor, b: torch.Tensor) -> int:
-    width = max(a.shape[1], b.shape[1])
-    pad = lambda x: torch.nn.functional.pad(x, (0, width - x.shape[1]), value=-1)
-    return int((pad(a) == pad(b)).all(1).sum())
+def completions(ids: torch.Tensor, eos: int) -> list[list[int]]:
+    """Each row's tokens up to and including its first EOS."""
+    rows = [row.tolist() for row in ids]
+    return [row[: row.index(eos) + 1] if eos in row else row for row in rows]
 
 
-def first_differences(a: torch.Tensor, b: torch.Tensor) -> list[int]:
-    """Per row, the first position where the ids differ (-1: identical rows)."""
-    width = min(a.shape[1], b.shape[1])
-    diff = a[:, :width] != b[:, :width]
-    return [int(d.nonzero()[0]) if d.any() else -1 for d in diff]
+def rows_equal(a: torch.Tensor, b: torch.Tensor, eos: int) -> int:
+    return sum(x == y for x, y in zip(completions(a, eos), completions(b, eos)))
+
+
+def first_differences(a: torch.Tensor, b: torch.Tensor, eos: int) -> list[int]:
+    """Per row, the first position where the completions differ (-1: identical)."""
+    out = []
+    for x, y in zip(completions(a, eos), completions(b, eos)):
+        out.append(-1 if x == y else next((i for i, (u, v) in enumerate(zip(x, y)) if u != v), min(len(x), len(y))))
+    return out
 
 
 def divergence(reference, model, ids: torch.Tensor, mask: torch.Tensor, completions: torch.Tensor, eos: int) -> dict:
@@ -244,8 +264,9 @@ def divergence(reference, model, ids: torch.Tensor, mask: torch.Tensor, completi
     kl, same, count = 0.0, 0, 0
     with torch.no_grad():
         for rows in torch.arange(len(ids)).split(4):  # 4 rows at a time: full-vocabulary logits are large
-            at = slice(ids.shape[1] - 1, full.shape[1] - 1)  # the positions that predict completion tokens
-            ref, new = (m(input_ids=full[rows], attention_mask=full_mask[rows]).logits[:, at].float().log_softmax(-1) for m in (reference, model))
+            keep_logits = completions.shape[1] + 1  # the positions that predict completion tokens, and the last one
+            ref, new = (m(input_ids=full[rows], attention_mask=full_mask[rows], logits_to_keep=keep_logits).logits[:, :-1].float()
+                        .log_softmax(-1) for m in (reference, model))
             k = keep[rows]
             kl += float((ref.exp() * (ref - new)).sum(-1)[k].sum())
             same += int((ref.argmax(-1) == new.argmax(-1))[k].sum())
@@ -272,6 +293,13 @@ def profile(name: str, variant: str, quick: bool) -> None:
     ids, mask = prompts(tokenizer, quick)
     fn, model = found[variant]
     run_once(fn, model, ids, mask, "sample", tokenizer)  # warm-up
+    with torch.no_grad():
+        cpu = time.process_time()
+        prefill(model, ids, mask.long(), DynamicCache(config=model.config), MIN_SHARED_PREFIX)
+        prefill_cpu = time.process_time() - cpu
+    cpu = time.process_time()
+    run_once(fn, model, ids, mask, "sample", tokenizer)
+    print(f"unprofiled CPU seconds: prefill {prefill_cpu:.2f}, whole run {time.process_time() - cpu:.2f}")
     with torch_profile() as pre, torch.no_grad():
         prefill(model, ids, mask.long(), DynamicCache(config=model.config), MIN_SHARED_PREFIX)
     with torch_profile() as whole:
@@ -310,12 +338,12 @@ def main() -> None:
         if a.profile:
             return profile(name, a.profile, a.quick)
         info = harness.machine()
+        # Before this process loads a model: a forked child's peak RSS starts at its parent's size.
+        rss = {} if a.no_rss else {v: harness.run_isolated("bench.sampler", ["--worker", v, "--model", name, "--threads", str(a.threads)])["peak_rss_mb"]
+                                   for v in variants}
         result = time_all(name, variants, a.repeats, a.quick)
-        for v in [] if a.no_rss else variants:
-            args = ["--worker", v, "--model", name, "--threads", str(a.threads)]
-            rss = harness.run_isolated("bench.sampler", args)["peak_rss_mb"]
-            for row in result["runs"]:
-                row["peak_rss_mb"] = rss if row["variant"] == v else row.get("peak_rss_mb")
+        for row in result["runs"]:
+            row["peak_rss_mb"] = rss.get(row["variant"])
     table = []
     for row in result["runs"]:
         before = next((r for r in result["runs"] if r["config"] == row["config"] and r["variant"] == "before"), None)
@@ -323,7 +351,7 @@ def main() -> None:
             "config": row["config"], "variant": row["variant"], "wall s": row["wall_s"], "CPU s": row["cpu_s"],
             "tokens": row["generated_tokens"], "tok/s wall": row["tokens_per_s_wall"], "tok/s CPU": row["tokens_per_s_cpu"],
             "× before (wall)": before and before["wall_s"] / row["wall_s"], "× before (CPU)": before and before["cpu_s"] / row["cpu_s"],
-            "rows = before": row.get("rows_same_as_before"), "valid CoD": row["valid_cod"],
+            "rows = before": row.get("rows_same_as_before"), "rows = lean": row.get("rows_same_as_lean"), "valid CoD": row["valid_cod"],
             "KL/token vs fp32": row.get("vs_float32_along_lean_samples", {}).get("mean_kl_per_token"),
             "% compute ceiling (CPU)": 100 * row["tokens_per_s_cpu"] / row["compute_ceiling_cpu"],
             "% memory ceiling (CPU)": 100 * row["tokens_per_s_cpu"] / row["memory_ceiling_cpu"],

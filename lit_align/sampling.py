@@ -328,7 +328,7 @@ class Int8Linear(torch.nn.Module):
         super().__init__()
         weight = linear.weight.detach().float()
         self.register_buffer("weight_scale", weight.abs().amax(1).clamp(min=1e-12) / 127)
-        self.register_buffer("weight_t", (weight / self.weight_scale[:, None]).round().to(torch.int8).t().contiguous())
+        self.register_buffer("weight_t", (weight / self.weight_scale[:, None]).round_().to(torch.int8).t().contiguous())
         self.bias = None if linear.bias is None else linear.bias.detach()
         self.out_dtype = linear.weight.dtype
 
