@@ -386,3 +386,32 @@ def test_paper_b_arms_parse_as_the_issue_describes(monkeypatch, capsys):
     excluded = {(s["preset"], Path(s["path"]).name) for s in prompts["exclude"]}
     assert {(p, f) for p, f in evaluated if p != "xstest_unsafe"} <= excluded  # xstest with filters {} covers both halves
     assert not {Path(s["path"]).name for s in prompts["sources"]} & {f for _, f in evaluated}
+
+
+def test_filter_prompts_and_train_shadow_refuse_bad_settings(shared_data, tmp_path):
+    from lit_align.eval.prompts import PromptSetConfig
+    from lit_align.experiments.prepare import filter_prompts
+    from lit_align.models import PolicyConfig
+    from lit_align.srmir.accuracy import check_same_pairs
+    from lit_align.srmir.shadow import train_shadow
+
+    source = tmp_path / "s.jsonl"
+    write_jsonl(source, [{"prompt": "Write an insult about my boss", "category": "insult"}])
+    write_jsonl(tmp_path / "e.jsonl", [{"prompt": "held out"}])
+    kw = dict(sources=[PromptSource(str(source))], exclude=[PromptSetConfig(preset="custom", path=str(tmp_path / "e.jsonl"))],
+              output=str(tmp_path / "out.jsonl"))
+    with pytest.raises(ValueError, match=r"category_rules.insults: not an SRMIR category"):
+        filter_prompts(**kw, category_rules={"insults": "insult"})
+    with pytest.raises(ValueError, match=r"category_rules.insult: '\(' is not a regular expression"):
+        filter_prompts(**kw, category_rules={"insult": "("})
+    with pytest.raises(ValueError, match="`exclude` holds no prompts; name the evaluation sets to keep out"):
+        filter_prompts(**{**kw, "exclude": []})
+    backbone = PolicyConfig(name_or_path="unused")
+    with pytest.raises(ValueError, match="compare_with sets a pooled model beside shadow models; set pooled: true"):
+        train_shadow(str(source), str(tmp_path / "x"), backbone, compare_with=str(tmp_path))
+    with pytest.raises(ValueError, match="set train_classifier: false"):
+        train_shadow(str(source), str(tmp_path / "x"), backbone, pooled=True, train_classifier=True)
+    pair = {"prompt": "p", "chosen": "a", "rejected": "b"}
+    check_same_pairs({"insult": [pair]}, {"insult": [pair]}, ("m1", "m2"))
+    with pytest.raises(ValueError, match=r"m2 holds out other pairs than m1 \(categories \['insult'\]\)"):
+        check_same_pairs({"insult": [pair]}, {"insult": [dict(pair, chosen="c")]}, ("m1", "m2"))
