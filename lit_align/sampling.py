@@ -168,6 +168,7 @@ class PreallocatedLayer(DynamicLayer):
 
 
 SHARED_PREFIX_ATTENTION = "lit_align_shared_prefix_sdpa"
+REFUSED_ATTENTION_KWARGS = ("position_bias", "s_aux", "sinks", "softcap", "sliding_window")  # what the formula leaves out
 
 
 def shared_prefix_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, shared_prefix=None, **kwargs):
@@ -181,8 +182,9 @@ def shared_prefix_attention(module, query, key, value, attention_mask, scaling=N
     shared prefix (or for longer queries) this is transformers' sdpa."""
     if shared_prefix is None or query.shape[2] != 1:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
-    if dropout:
-        raise ValueError("shared-prefix attention is for generation: put the model in eval mode (no attention dropout)")
+    if given := [k for k in REFUSED_ATTENTION_KWARGS if kwargs.get(k) is not None] + (["dropout"] if dropout else []):
+        raise ValueError(f"shared-prefix attention covers plain causal sdpa in eval mode; this model's attention passes "
+                         f"{given}: load it with attn_implementation='eager' or generate with HFGenerator")
     prefix_keys, prefix_values = shared_prefix[module.layer_idx]
     rows, heads, _, dim = query.shape
     groups, length = prefix_keys.shape[:2]

@@ -290,6 +290,22 @@ def test_shared_prefix_attention_equals_sdpa_over_all_keys():
     torch.testing.assert_close(out, expected.transpose(1, 2))
 
 
+@pytest.mark.parametrize("name, value", [("softcap", 30.0), ("sliding_window", 4), ("s_aux", torch.zeros(6)),
+                                         ("sinks", torch.zeros(6)), ("position_bias", torch.zeros(5, 6, 1, 4)),
+                                         ("dropout", 0.1)])
+def test_shared_prefix_attention_refuses_what_its_formula_leaves_out(name, value):
+    """Attention arguments the shared-prefix formula does not apply are refused by name, not ignored;
+    passed as None (Qwen2's full-attention layers pass sliding_window=None) they are no change."""
+    g = torch.Generator().manual_seed(0)
+    query, keys, values = torch.randn(5, 6, 1, 8, generator=g), *torch.randn(2, 5, 3, 4, 8, generator=g)
+    prefix = [(torch.randn(3, 7, 8, generator=g), torch.randn(3, 7, 8, generator=g))]
+    call = lambda **kw: shared_prefix_attention(SimpleNamespace(layer_idx=0), query, keys, values, None, shared_prefix=prefix, **kw)
+    with pytest.raises(ValueError, match=rf"passes \['{name}'\]: load it with attn_implementation='eager'"):
+        call(**{name: value})
+    if name != "dropout":
+        torch.testing.assert_close(call(**{name: None})[0], call()[0], rtol=0, atol=0)
+
+
 def test_shared_prefix_needs_left_padded_rows_alike():
     ids = torch.tensor([[0, 5, 6, 7, 8], [5, 6, 7, 9, 9], [0, 0, 5, 6, 1]])
     mask = (ids != 0).long()
