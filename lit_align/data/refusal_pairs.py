@@ -11,8 +11,10 @@ own text, and a harmful pair differs from a harmless one only in its prompt: wha
 to learn is *when* to refuse.
 
 Training prompts too close to an evaluation prompt are dropped before anything is generated
-(`near_duplicates`). Generations are appended to `<output>.generations.jsonl` batch by batch, so
-an interrupted run resumes where it stopped.
+(`near_duplicates`). Generations are appended to `<output>.generations.jsonl` batch by batch,
+keyed by prompt text under a header of what they depend on (the weights' content fingerprint,
+opener, lengths): an interrupted run resumes where it stopped, and a run with other settings is
+refused rather than mixed in.
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ from lit_align.sampling import LeanGenerator
 
 log = logging.getLogger(__name__)
 
+GENERATIONS_FORMAT = 2  # 2: a settings header; records keyed by prompt text
+
 # ---------------------------------------------------------------------------- contamination guard
 _STOPWORDS = frozenset(
     "a an the of to in on for and or with how do i can what is are be my me you your it its this that by from "
@@ -49,7 +53,7 @@ def content_words(text: str) -> frozenset[str]:
 
 
 def near_duplicates(candidates: list[str], references: list[str], max_overlap: float = 0.8, min_words: int = 3) -> list[Optional[str]]:
-    """For each candidate, the first reference it is too close to (else None).
+    """For each candidate, the reference it is closest to when that is too close (else None).
 
     Close means the same content words, or |A ∩ B| / min(|A|, |B|) ≥ `max_overlap` when both have
     at least `min_words` content words: "How do I kill a Python process that is not responding?"
@@ -74,9 +78,10 @@ def near_duplicates(candidates: list[str], references: list[str], max_overlap: f
 
 
 # ---------------------------------------------------------------------------- generation
-def first_sentence(text: str) -> str:
-    """Up to and including the first sentence end (. ! ? followed by a space) or line break."""
-    end = re.search(r"[.!?](?=\s|$)|\n", text)
+def first_sentence(text: str, start: int = 0) -> str:
+    """Up to and including the first sentence end (. ! ? followed by a space) or line break at or
+    after `start` (the end of a forced opener, so that an opener "I'm sorry." is not all that is kept)."""
+    end = re.compile(r"[.!?](?=\s|$)|\n").search(text, start)
     return text[: end.end()].rstrip() if end else text.rstrip()
 
 
@@ -91,21 +96,70 @@ def encode_with_opener(tokenizer, prompts: list[str], opener: str) -> tuple[torc
     return enc["input_ids"], enc["attention_mask"]
 
 
+def generation_settings(policy: PolicyConfig, opener: str, answer_tokens: int, refusal_tokens: int) -> dict:
+    """What a stored generation depends on; a resumed run must match it."""
+    from lit_align.modules.refcache import model_fingerprint
+
+    try:
+        weights = model_fingerprint(policy)
+    except FileNotFoundError:  # a hub id not downloaded yet: its name and revision stand for it
+        weights = f"{policy.name_or_path}@{policy.revision}"
+    return {"format": GENERATIONS_FORMAT, "policy": policy.name_or_path, "weights": weights, "dtype": policy.dtype,
+            "opener": opener, "answer_tokens": answer_tokens, "refusal_tokens": refusal_tokens}  # fmt: skip
+
+
+def read_generations(path: Path, settings: dict) -> dict[str, dict]:
+    """`{prompt: {answer, refusal}}` stored in `path` (a header line with the settings, then one
+    record per prompt). A torn last line, left by an interrupted write, is cut off so that the next
+    append starts on a clean line; any other unreadable line is an error naming it."""
+    if not path.is_file() or path.stat().st_size == 0:
+        path.write_text(json.dumps({"settings": settings}) + "\n")
+        return {}
+    data = path.read_bytes()
+    if not data.endswith(b"\n"):
+        cut = data.rfind(b"\n") + 1
+        log.warning("build-pairs: %s ends in a torn line (%d bytes); it is generated again", path, len(data) - cut)
+        with path.open("r+b") as f:
+            f.truncate(cut)
+        data = data[:cut]
+    lines = data.decode("utf-8").splitlines()
+    header = _parse(path, 1, lines[0]) if lines else {}
+    if header.get("settings") != settings:
+        stored = header.get("settings") or {}
+        differ = sorted(k for k in {*stored, *settings} if stored.get(k) != settings.get(k)) or ["header"]
+        raise ValueError(
+            f"{path} line 1: generated with other settings ({', '.join(differ)} differ: {stored or lines[0][:80]!r} "
+            f"vs {settings}); delete it to generate again, or choose another `output`"
+        )
+    done = {}
+    for n, line in enumerate(lines[1:], start=2):
+        rec = _parse(path, n, line)
+        for key in ("prompt", "answer", "refusal"):
+            if not isinstance(rec.get(key), str):
+                raise ValueError(f"{path} line {n}: field {key!r} is missing or not text; delete the line to generate it again")
+        done[rec["prompt"]] = rec
+    return done
+
+
+def _parse(path: Path, n: int, line: str) -> dict:
+    try:
+        rec = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} line {n}: not JSON ({err}); delete the line to generate it again") from None
+    if not isinstance(rec, dict):
+        raise ValueError(f"{path} line {n}: not a JSON object")
+    return rec
+
+
 def generate_missing(rows: list[dict], path: Path, policy: PolicyConfig, opener: str, answer_tokens: int,
                      refusal_tokens: int, batch_size: int, progress: bool) -> dict[str, dict]:
-    """`{id: {answer, refusal}}` for every row, generated greedily where `path` lacks them."""
-    done = {}
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            if line.strip():
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError:
-                    continue  # a torn last line from an interrupted write: generated again
-                done[rec["id"]] = rec
-    todo = [r for r in rows if r["id"] not in done]
+    """`{prompt: {answer, refusal}}` for every row, generated greedily where `path` lacks them and
+    appended to it batch by batch. Keyed by prompt text: the same prompt in two sets is generated once."""
+    done = read_generations(path, generation_settings(policy, opener, answer_tokens, refusal_tokens))
+    todo = list({r["prompt"]: r for r in rows if r["prompt"] not in done}.values())
     if not todo:
         return done
+    log.info("build-pairs: generating for %d prompts (%d read from %s)", len(todo), len(done), path)
     tokenizer = load_tokenizer(policy)
     generator = LeanGenerator(load_causal_lm(policy, with_lora=False).eval(), tokenizer)
     greedy = SamplingConfig(max_new_tokens=answer_tokens, temperature=0.0)
@@ -117,22 +171,37 @@ def generate_missing(rows: list[dict], path: Path, policy: PolicyConfig, opener:
             answers = generator.generate_ids(*generator.encode_prompts(prompts), greedy).texts
             refusals = generator.generate_ids(*encode_with_opener(tokenizer, prompts, opener), greedy_refusal).texts
             for row, answer, cont in zip(batch, answers, refusals):
-                rec = {"id": row["id"], "answer": answer.strip(), "refusal": first_sentence(opener + cont)}
-                done[row["id"]] = rec
+                rec = {"id": row["id"], "prompt": row["prompt"], "answer": answer.strip(),
+                       "refusal": first_sentence(opener + cont, len(opener))}  # fmt: skip
+                done[row["prompt"]] = rec
                 f.write(json.dumps(rec, ensure_ascii=False) + "\n")
             f.flush()
     return done
 
 
 # ---------------------------------------------------------------------------- the command
-def load_prompts(sets: list[PromptSetConfig], harmful: bool) -> list[dict]:
+def load_prompts(sets: list[PromptSetConfig], harmful: bool, stats: dict[str, Counter]) -> list[dict]:
+    """The rows of `sets`, each prompt once (a repeat, within or across sets, is counted as
+    `duplicate` in its set). A set or row labelled the other way than its list is an error: its own
+    `harmful`, or its preset's label (HarmBench, AdvBench, StrongREJECT harmful; XSTest per row);
+    a `custom` set without `harmful` takes its list's."""
+    kind = "harmful" if harmful else "harmless"
     rows, seen = [], set()
     for cfg in sets:
+        if cfg.harmful is not None and cfg.harmful != harmful:
+            raise ValueError(f"prompt set {cfg.label!r} ({cfg.path}) says harmful: {cfg.harmful} but is listed under "
+                             f"`{kind}`; move it or drop its `harmful`")  # fmt: skip
         for row in load_prompt_set(cfg):
+            if row["harmful"] != harmful and (cfg.harmful is not None or cfg.preset != "custom"):
+                raise ValueError(f"{cfg.path} row {row['id'].rsplit(':', 1)[-1]}: labelled {'harmful' if row['harmful'] else 'harmless'} "
+                                 f"in a set listed under `{kind}`; filter it out (`filters`) or set `harmful`")  # fmt: skip
+            stats[row["set"]]["loaded"] += 1
             key = " ".join(row["prompt"].lower().split())
-            if key not in seen:
-                seen.add(key)
-                rows.append(dict(row, harmful=harmful))
+            if key in seen:
+                stats[row["set"]]["duplicate"] += 1
+                continue
+            seen.add(key)
+            rows.append(dict(row, harmful=harmful))
     return rows
 
 
@@ -168,8 +237,9 @@ def build_pairs(
         progress: Show a progress bar.
 
     Returns:
-        Counts per prompt set: loaded, dropped as near an evaluation prompt, skipped (the policy
-        already refuses a harmful prompt / refuses a harmless one), pairs written.
+        Counts per prompt set: loaded, duplicate (a prompt seen before), near_evaluation_prompt
+        (dropped), skipped_empty_answer, skipped_already_refuses (a harmful prompt the policy
+        already refuses), skipped_answer_is_refusal (a harmless prompt it refuses), pairs.
     """
     if not harmful or not harmless:
         raise ValueError("build-pairs needs both `harmful` and `harmless` prompt sets")
@@ -178,10 +248,8 @@ def build_pairs(
     labels = [cfg.label for cfg in [*harmful, *harmless]]
     if len(set(labels)) != len(labels):
         raise ValueError(f"build-pairs: prompt set names {labels} repeat; give each a `name`")
-    rows = load_prompts(harmful, True) + load_prompts(harmless, False)
     stats: dict[str, Counter] = defaultdict(Counter)
-    for row in rows:
-        stats[row["set"]]["loaded"] += 1
+    rows = load_prompts(harmful, True, stats) + load_prompts(harmless, False, stats)
     references = [r["prompt"] for cfg in exclude or [] for r in load_prompt_set(cfg)]
     kept = []
     for row, hit in zip(rows, near_duplicates([r["prompt"] for r in rows], references, max_overlap)):
@@ -205,14 +273,17 @@ def build_pairs(
 
 
 def assemble(rows: list[dict], generations: dict[str, dict], stats: dict[str, Counter]) -> list[dict]:
-    """One pair per row. Skipped (counted) where the policy's own answer is a refusal: a harmful
-    prompt it already refuses gives no compliant answer to push down, a harmless one it refuses
-    gives no answer to prefer."""
+    """One pair per row. Skipped (counted) where the policy's own answer is empty (nothing to
+    prefer or push down) or a refusal: a harmful prompt it already refuses gives no compliant
+    answer to push down, a harmless one it refuses gives no answer to prefer."""
     judge = RefusalPhraseJudge("jailbreakbench")
     pairs = []
     for row in rows:
-        gen = generations[row["id"]]
+        gen = generations[row["prompt"]]
         answer, refusal = gen["answer"], gen["refusal"]
+        if not answer:
+            stats[row["set"]]["skipped_empty_answer"] += 1
+            continue
         answer_refuses = judge.is_refusal(answer)
         if row["harmful"] and answer_refuses:
             stats[row["set"]]["skipped_already_refuses"] += 1
