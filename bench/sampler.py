@@ -19,6 +19,8 @@ Variants:
             read by shared-prefix attention (the ids of all three are compared)
 * int8      today's `sample_ids` on `int8_for_generation(model)` (opt-in; ids differ, see the JSON)
 * bf16      today's `sample_ids` on the model loaded in bfloat16 (`PolicyConfig(dtype="bfloat16")`)
+* bf16copy  today's `sample_ids` on the float32 model's bfloat16 copy (`SamplingConfig(dtype="bfloat16")`:
+            the copy made once, the float32 weights written into it at every call, as when training)
 
 Timing: one warm-up round, then --repeats rounds; a round runs every (config, variant) once, so
 load from other processes hits all alike. Per (config, variant): median wall seconds and median
@@ -32,7 +34,7 @@ after the prompt) has F matmul FLOPs and reads W weight bytes, so generated toke
 exceed peak · 32 / F (compute) nor bandwidth · 32 / W (memory). The fractions printed are the
 measured tokens/s over these ceilings (prefill included in the measured time, so they understate
 the decode loop's own). Peak RSS: each variant once more in a fresh process (not with --quick,
-or --no-rss).
+or --no-rss; --rss-only: only these, into sampler_rss.json).
 """
 
 from __future__ import annotations
@@ -59,7 +61,7 @@ HISTORY = {  # variants that run lit_align/sampling.py as of a commit
 HARMFUL = harness.ROOT.parent / "shared" / "data" / "refusal_direction" / "harmful_train.json"
 ROWS, NEW_TOKENS = 32, 96
 CONFIGS = {"sample": dict(temperature=0.7, top_p=0.95), "greedy": dict(temperature=0.0)}
-VARIANTS = ("before", "prealloc", "lean", "int8", "bf16")
+VARIANTS = ("before", "prealloc", "lean", "int8", "bf16", "bf16copy")
 
 
 # ---------------------------------------------------------------------------- samplers and models
@@ -108,7 +110,26 @@ def samplers(name: str, variants: list[str]) -> tuple[dict, object]:
         elif v == "bf16":
             models["bfloat16"] = load(name, "bfloat16")
             out[v] = (sampling.sample_ids, models["bfloat16"][0])
+        elif v == "bf16copy":
+            out[v] = bf16_copy(float32())
     return out, next(iter(models.values()))[1]
+
+
+def bf16_copy(model) -> tuple:
+    """(sample_ids on `SamplingConfig(dtype="bfloat16")`'s copy of `model`, refreshed at every call; the copy)."""
+    from dataclasses import replace
+
+    from lit_align.generation import Generator, SamplingConfig
+    from lit_align.sampling import sample_ids
+
+    holder = Generator()
+    holder.model = model
+    copied = holder.sampling_model(SamplingConfig(dtype="bfloat16"))
+
+    def fn(_, ids, mask, sampling, *rest):
+        return sample_ids(holder.sampling_model(replace(sampling, dtype="bfloat16")), ids, mask, sampling, *rest)
+
+    return fn, copied
 
 
 def prompts(tokenizer, quick: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -225,7 +246,7 @@ def time_all(name: str, variants: list[str], repeats: int, quick: bool) -> dict:
             before = outputs[config, "before"]
             row["same_ids_as_before"] = before.shape == ids_v.shape and bool(torch.equal(before, ids_v))
             row["rows_same_as_before"] = rows_equal(before, ids_v, tokenizer.eos_token_id)
-        if v in ("int8", "bf16") and "lean" in variants:
+        if v in ("int8", "bf16", "bf16copy") and "lean" in variants:
             row["rows_same_as_lean"] = rows_equal(outputs[config, "lean"], ids_v, tokenizer.eos_token_id)
             row["first_difference_vs_lean"] = first_differences(outputs[config, "lean"], ids_v, tokenizer.eos_token_id)
             row["vs_float32_along_lean_samples"] = divergence(found["lean"][1], model, ids, mask, outputs[config, "lean"], tokenizer.eos_token_id)
@@ -319,6 +340,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--quick", action="store_true", help="the tiny test model, 1 repeat, no RSS runs")
     parser.add_argument("--no-rss", action="store_true", help="skip the peak-RSS run of each variant")
+    parser.add_argument("--rss-only", action="store_true", help="only the peak-RSS runs (bench/results/sampler_rss.json)")
     parser.add_argument("--profile", choices=VARIANTS, help="print torch.profiler tables for this variant and stop")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
@@ -326,6 +348,8 @@ def main() -> None:
     variants = a.variants.split(",")
     if unknown := [v for v in variants if v not in VARIANTS]:
         parser.error(f"--variants: unknown {unknown}; choose from {VARIANTS}")
+    if a.rss_only and a.no_rss:
+        parser.error("--rss-only and --no-rss: choose one")
     torch.set_num_threads(a.threads)
     if a.worker:
         return harness.print_result(rss_worker(a.model, a.worker, a.quick))
@@ -334,13 +358,16 @@ def main() -> None:
         if a.quick:
             from lit_align.testing import make_tiny_model
 
-            name, a.repeats, a.no_rss = str(make_tiny_model(Path(tmp) / "tiny")), 1, True
+            name, a.repeats, a.no_rss = str(make_tiny_model(Path(tmp) / "tiny")), 1, not a.rss_only
         if a.profile:
             return profile(name, a.profile, a.quick)
         info = harness.machine()
         # Before this process loads a model: a forked child's peak RSS starts at its parent's size.
         rss = {} if a.no_rss else {v: harness.run_isolated("bench.sampler", ["--worker", v, "--model", name, "--threads", str(a.threads)])["peak_rss_mb"]
                                    for v in variants}
+        if a.rss_only:
+            rows = [{"variant": v, "peak RSS MB": mb} for v, mb in rss.items()]
+            return harness.report("sampler_rss_quick" if a.quick else "sampler_rss", {"machine": info, "args": vars(a), "peak_rss_mb": rss}, rows, list(rows[0]))
         result = time_all(name, variants, a.repeats, a.quick)
         for row in result["runs"]:
             row["peak_rss_mb"] = rss.get(row["variant"])

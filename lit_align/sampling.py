@@ -24,7 +24,8 @@ Sampling draws from a `torch.Generator` seeded with `generator_seed`, one unifor
 whether or not the row is still computed, so a step is reproducible without touching the global
 RNG and a row's tokens do not depend on when the others ended. Works with any causal LM that takes
 a `DynamicCache` (Llama, Qwen, Mistral, SmolLM, peft-wrapped ones); anything else: `HFGenerator`.
-`int8_for_generation` (opt-in) swaps a generation-only model's linear layers for int8 ones.
+`SamplingConfig(dtype="bfloat16")` samples from a bfloat16 copy of the model (`Generator.sampling_model`);
+`int8_for_generation` (opt-in, Python only) swaps a generation-only model's linear layers for int8 ones.
 """
 
 from __future__ import annotations
@@ -370,7 +371,7 @@ class LeanGenerator(Generator):
         num_return_sequences: int = 1,
         generator_seed: Optional[int] = None,
     ) -> Completions:
-        model = self.model
+        model = self.sampling_model(sampling)
         device = next(model.parameters()).device
         generator = None
         if generator_seed is not None:

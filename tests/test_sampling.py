@@ -348,3 +348,90 @@ def test_draw_follows_the_probabilities():
     freq = torch.bincount(tokens, minlength=5).float() / len(tokens)
     assert freq[1] == 0 and freq[4] == 0
     torch.testing.assert_close(freq, probs[0], atol=0.015, rtol=0)
+
+
+def bfloat16_runs(model, tokenizer, sampling, n):
+    """(lean on the float32 model with dtype bfloat16, lean on the checkpoint loaded in bfloat16)."""
+    lean = LeanGenerator(model, tokenizer)
+    ids, mask = lean.encode_prompts(PROMPTS)
+    loaded = AutoModelForCausalLM.from_config(model.config, dtype=torch.bfloat16).eval()
+    loaded.load_state_dict(model.state_dict())  # what from_pretrained(dtype=bfloat16) holds: float32 buffers kept
+    copied = lean.generate_ids(ids, mask, SamplingConfig(**{**vars(sampling), "dtype": "bfloat16"}), n, 7)
+    return lean, copied, LeanGenerator(loaded, tokenizer).generate_ids(ids, mask, sampling, n, 7)
+
+
+@pytest.mark.parametrize("temperature, n", [(0.0, 1), (1.0, 2)])
+def test_bfloat16_sampling_is_the_bfloat16_checkpoints_and_seeded(tiny, temperature, n):
+    """`dtype: bfloat16` samples what the checkpoint loaded in bfloat16 samples (same seed, same ids;
+    HF generate on the copy too), the same again at the next call, and leaves the model float32."""
+    model, tokenizer = tiny
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    sampling = SamplingConfig(max_new_tokens=24, temperature=temperature, top_p=0.9)
+    lean, copied, loaded = bfloat16_runs(model, tokenizer, sampling, n)
+    assert torch.equal(copied.completion_ids, loaded.completion_ids)
+    bf16 = SamplingConfig(**{**vars(sampling), "dtype": "bfloat16"})
+    again = lean.generate_ids(copied.prompt_ids[::n], copied.prompt_mask[::n], bf16, n, 7)
+    assert torch.equal(again.completion_ids, copied.completion_ids)
+    hf = HFGenerator(model, tokenizer).generate_ids(copied.prompt_ids[::n], copied.prompt_mask[::n], bf16, n, 7)
+    if temperature == 0:
+        assert torch.equal(hf.completion_ids, copied.completion_ids)  # greedy: generate's ids on the copy
+    assert {p.dtype for p in lean._copy[1].parameters()} == {torch.bfloat16}
+    assert all(torch.equal(v, before[k]) and v.dtype == before[k].dtype for k, v in model.state_dict().items())
+
+
+def test_bfloat16_greedy_differs_from_float32_only_at_near_ties(tiny):
+    """Where a greedy row of the bfloat16 copy leaves float32's, both took their own model's top
+    token after the same prefix, and float32's two candidates were closer than bfloat16 resolves."""
+    model, tokenizer = tiny
+    lean = LeanGenerator(model, tokenizer)
+    ids, mask = lean.encode_prompts(PROMPTS)
+    greedy = SamplingConfig(max_new_tokens=24, temperature=0.0)
+    exact = lean.generate_ids(ids, mask, greedy).completion_ids
+    rounded = lean.generate_ids(ids, mask, SamplingConfig(max_new_tokens=24, temperature=0.0, dtype="bfloat16")).completion_ids
+    differ = (exact != rounded).any(1)
+    assert differ.any() and not differ.all()
+    for row in differ.nonzero().squeeze(1).tolist():
+        t = int((exact[row] != rounded[row]).int().argmax())
+        context = torch.cat([ids[row : row + 1], exact[row : row + 1, :t]], 1)
+        context_mask = torch.cat([mask[row : row + 1], torch.ones(1, t, dtype=mask.dtype)], 1)
+        with torch.no_grad():
+            f32, b16 = (m(input_ids=context, attention_mask=context_mask).logits[0, -1].float() for m in (model, lean._copy[1]))
+        x, y = int(exact[row, t]), int(rounded[row, t])
+        assert int(f32.argmax()) == x and int(b16.argmax()) == y
+        assert 0 <= f32[x] - f32[y] < 2**-7 * f32.abs().max()
+
+
+def test_bfloat16_copy_follows_the_models_weights_and_hooks(tiny):
+    """The copy is made once; every call writes the model's current weights into it, and hooks on the
+    model (a cost meter's) see the copy's forwards until removed."""
+    model, tokenizer = tiny
+    model = copy.deepcopy(model)
+    lean = LeanGenerator(model, tokenizer)
+    ids, mask = lean.encode_prompts(PROMPTS)
+    greedy = SamplingConfig(max_new_tokens=12, temperature=0.0, dtype="bfloat16")
+    first = lean.generate_ids(ids, mask, greedy).completion_ids
+    made = lean._copy[1]
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(1)) * 0.05)
+    calls = []
+    handle = model.register_forward_pre_hook(lambda module, args, kwargs: calls.append(kwargs["input_ids"].shape), with_kwargs=True)
+    trained = lean.generate_ids(ids, mask, greedy).completion_ids
+    assert lean._copy[1] is made and len(calls) == 12  # the prefill and 11 decode steps, on the copy
+    handle.remove()
+    assert not torch.equal(trained, first)
+    assert torch.equal(trained, LeanGenerator(model, tokenizer).generate_ids(ids, mask, greedy).completion_ids)  # a fresh copy
+    lean.generate_ids(ids, mask, greedy)
+    assert len(calls) == 12
+
+
+def test_bfloat16_copy_is_refused_under_torch_distributed(tiny, tmp_path):
+    model, tokenizer = tiny
+    lean = LeanGenerator(model, tokenizer)
+    ids, mask = lean.encode_prompts(PROMPTS)
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        with pytest.raises(ValueError, match="not done under torch.distributed.*set sampling.dtype to 'model'"):
+            lean.generate_ids(ids, mask, SamplingConfig(max_new_tokens=4, dtype="bfloat16"))
+    finally:
+        torch.distributed.destroy_process_group()

@@ -180,3 +180,10 @@ def test_grpo_trains_on_server_samples_of_the_pushed_weights(stub, tiny_model_di
     # every request of step s sampled with the weights pushed before step s
     assert stub.weights_seen == [pushed[0], pushed[0], pushed[1], pushed[1]]
     assert checksum(module.policy) != pushed[1]  # and step 2 trained it again
+
+
+def test_the_server_generator_refuses_a_dtype_it_cannot_set(stub):
+    gen = doc_example()["ServerGenerator"](stub.url, "policy", stub.tokenizer)
+    with pytest.raises(ValueError, match="sampling.dtype: the server samples with the weights it loaded"):
+        gen.generate_ids(*gen.encode_prompts(PROMPTS), SamplingConfig(max_new_tokens=4, dtype="bfloat16"))
+    assert stub.requests == []
