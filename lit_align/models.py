@@ -16,6 +16,8 @@ from typing import Optional
 
 import torch
 
+from lit_align.checks import ConfigError, check_range
+
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -47,6 +49,11 @@ class LoraArgs:
     """Dropout on the adapter input."""
     target_modules: list[str] | str = "all-linear"
     """Module names to adapt, or "all-linear"."""
+
+    def __post_init__(self):
+        check_range("lora.r", self.r, 1)
+        check_range("lora.alpha", self.alpha, 0, low_open=True, why="the update is scaled by alpha / r")
+        check_range("lora.dropout", self.dropout, 0, 1, high_open=True)
 
 
 @dataclass
@@ -116,9 +123,37 @@ def smollm2_dir() -> Path:
 
 
 def resolve_name(name_or_path: str) -> str:
+    """The directory or hub id to load: a built-in alias resolved, a missing local path refused."""
     if name_or_path == SMOLLM2_ALIAS:
         return str(smollm2_dir())
+    if name_or_path and not Path(name_or_path).expanduser().exists() and not is_hub_id(name_or_path):
+        raise ConfigError(
+            f"name_or_path={name_or_path!r}: no such directory, and not a hub id (those look like 'org/name'): "
+            "check the path"
+        )
     return name_or_path
+
+
+def is_hub_id(name: str) -> bool:
+    """Whether `name` is a well-formed Hugging Face hub repository id ('name' or 'org/name')."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
+
+
+def not_loadable(name_or_path: str, err: OSError) -> ConfigError:
+    """A clear error for a name that is neither a local directory nor a hub id we could load."""
+    reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    if Path(name_or_path).expanduser().exists():
+        return ConfigError(f"name_or_path={name_or_path!r}: could not load it: {reason}")
+    return ConfigError(
+        f"name_or_path={name_or_path!r}: no such local directory, and as a hub id it could not be loaded "
+        f"({reason})"
+    )
 
 
 # ---------------------------------------------------------------------------- loaders
@@ -126,12 +161,15 @@ def load_tokenizer(cfg: PolicyConfig):
     """The tokenizer, with a pad token (the EOS token when the model has none)."""
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(
-        resolve_name(cfg.name_or_path),
-        gguf_file=cfg.gguf_file,
-        trust_remote_code=cfg.trust_remote_code,
-        revision=cfg.revision,
-    )
+    try:
+        tok = AutoTokenizer.from_pretrained(
+            resolve_name(cfg.name_or_path),
+            gguf_file=cfg.gguf_file,
+            trust_remote_code=cfg.trust_remote_code,
+            revision=cfg.revision,
+        )
+    except OSError as err:
+        raise not_loadable(cfg.name_or_path, err) from err
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -142,9 +180,9 @@ def load_causal_lm(cfg: PolicyConfig, with_lora: bool = True):
     from transformers import AutoModelForCausalLM
 
     if not cfg.name_or_path:
-        raise ValueError("model.policy.name_or_path is empty: name a hub id or a local directory")
+        raise ConfigError("model.policy.name_or_path is empty: name a hub id or a local directory")
     if cfg.dtype not in DTYPES:
-        raise ValueError(f"model.policy.dtype={cfg.dtype!r}: choose one of {sorted(DTYPES)}")
+        raise ConfigError(f"model.policy.dtype={cfg.dtype!r}: choose one of {sorted(DTYPES)}")
     kwargs = dict(cfg.extra)
     if cfg.attn_implementation:
         kwargs["attn_implementation"] = cfg.attn_implementation

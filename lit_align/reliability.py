@@ -33,6 +33,8 @@ from lightning.fabric.utilities.cloud_io import _load as pl_load
 from lightning.pytorch.callbacks import Callback
 from torch.utils.data import DataLoader, DistributedSampler
 
+from lit_align.checks import ConfigError
+
 log = logging.getLogger(__name__)
 
 
@@ -351,7 +353,7 @@ class FailureReport(Callback):
                 "%s because a collective operation failed: another process of this run died, hung or lost its "
                 "connection (%s: %s). Check the other ranks' logs. %s.", where, type(exception).__name__, first_line[:300], resume,
             )
-        elif not isinstance(exception, (NonFiniteError, KeyboardInterrupt)):
+        elif not isinstance(exception, (NonFiniteError, KeyboardInterrupt, ConfigError)):  # a ConfigError says what to change
             log.error("%s by %s: %s. %s.", where, type(exception).__name__, first_line[:300], resume)
 
 

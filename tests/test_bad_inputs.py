@@ -30,6 +30,7 @@ ROW_ERRORS = [
     ("pku_bad_safer_id.jsonl", "pku_saferlhf", "preference", 0, "safer_response_id", "expected 0 or 1, got 2", 0),
     ("bad_message_role.jsonl", "generic", "preference", 0, "prompt", "messages need a role and string content", 0),
     ("missing_column.csv", "generic", "preference", 0, "rejected", "missing (columns: ['chosen', 'prompt'])", 0),
+    ("system_only_prompt.jsonl", "generic", "preference", 1, "prompt", "the prompt has no user turn (roles: ['system'])", 2),
 ]
 
 
@@ -144,6 +145,47 @@ def test_config_with_an_unknown_key_names_it(name, key, capsys):
         main(["fit", "-c", str(ROOT / "configs/dpo_tiny.yaml"), "-c", str(BAD / name)])
     assert err.value.code != 0
     assert key in capsys.readouterr().err
+
+
+DPO, GRPO = "configs/dpo_tiny.yaml", "configs/grpo_function.yaml"
+# config laid over, bad config, the one line `lit-align` must print (after "lit-align: error: ")
+CLI_ERRORS = [
+    (DPO, "cli_unknown_loss_type.yaml", "model.loss_type: 'sigmod' is not one of: sigmoid, ipo, hinge, robust, conservative"),
+    (DPO, "cli_missing_model_dir.yaml",
+     "name_or_path='/nonexistent/lit_align/tiny_model': no such directory, and not a hub id (those look like "
+     "'org/name'): check the path"),
+    (DPO, "cli_missing_hub_shaped_dir.yaml",
+     "name_or_path='runs/no_such_model_dir': no such local directory, and as a hub id it could not be loaded ("),
+    (DPO, "cli_negative_beta.yaml",
+     "model.beta=-0.1 is out of range: it must be 0 < beta (a negative β inverts the preference; 0 ignores it)"),
+    (DPO, "cli_label_smoothing_half.yaml",
+     "model.label_smoothing=0.5 is out of range: it must be 0 ≤ label_smoothing < 0.5 (it is the assumed rate of "
+     "flipped labels; at 0.5 or more the labels carry no preference)"),
+    (DPO, "cli_zero_lr.yaml",
+     "model.optimizer lr=0.0 is out of range: it must be 0 < optimizer lr (0 trains nothing; a negative rate "
+     "ascends the loss)"),
+    (DPO, "cli_negative_alpha.yaml",
+     "ConfidenceReRanker.alpha=-7.5 is out of range: it must be 0 < alpha (α ≤ 0 inverts or flattens the probe's "
+     "confidence)"),
+    (GRPO, "cli_grpo_one_generation.yaml",
+     "model.num_generations=1 is out of range: it must be 2 ≤ num_generations (GRPO compares at least 2 "
+     "completions per prompt)"),
+    (GRPO, "cli_grpo_top_p.yaml", "model.top_p=1.5 is out of range: it must be 0 < top_p ≤ 1 (a probability mass)"),
+]
+
+
+@pytest.mark.parametrize("base,name,line", CLI_ERRORS, ids=[c[1] for c in CLI_ERRORS])
+def test_config_mistake_is_one_line_without_traceback(base, name, line, tiny_model_dir, shared_data, tmp_path, capsys):
+    from lit_align.cli import main
+
+    args = ["fit", "-c", str(ROOT / base), f"--model.init_args.policy.name_or_path={tiny_model_dir}",
+            "-c", str(BAD / name), f"--data.path={shared_data / 'hh_rlhf_harmless_base_test.jsonl.gz'}",
+            "--data.limit=16", f"--trainer.default_root_dir={tmp_path}", "--trainer.max_steps=1", "--trainer.logger=false"]
+    with pytest.raises(SystemExit) as err:
+        main(args)
+    assert err.value.code == 2
+    errors = [x for x in capsys.readouterr().err.splitlines() if "error" in x.lower() or "Traceback" in x]
+    assert len(errors) == 1 and errors[0].startswith("lit-align: error: " + line), errors
 
 
 def test_the_corpus_has_at_least_20_kinds():

@@ -5,18 +5,26 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from typing import Optional
+from typing import Literal, Optional
 
 import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
+from lit_align.checks import ConfigError, check_range
 from lit_align.data.collate import Collator, encode_row
-from lit_align.data.formats import FORMATS, MODES, load_rows, load_source, normalize_rows
+from lit_align.data.formats import FORMATS, MODES, Format, Mode, load_rows, load_source, normalize_rows
 from lit_align.data.rerank import DECISION_KEY, ReRanker, check_reranking
 from lit_align.reliability import ResumableDataLoader, ResumableSampler
 
 log = logging.getLogger(__name__)
+
+
+def check_data_numbers(args: dict) -> None:
+    """Refuse counts and lengths out of range (`args`: AlignDataModule's arguments by name)."""
+    for name, low in (("batch_size", 1), ("max_prompt_length", 1), ("max_completion_length", 1), ("limit", 1),
+                      ("num_workers", 0), ("pad_to_multiple_of", 1)):
+        check_range(f"data.{name}", args[name], low, why="null turns it off" if name.startswith("max_") else "")
 
 
 class AlignDataModule(L.LightningDataModule):
@@ -49,35 +57,36 @@ class AlignDataModule(L.LightningDataModule):
     def __init__(
         self,
         path: str,
-        mode: str = "preference",
-        format: str = "generic",
+        mode: Mode = "preference",
+        format: Format = "generic",
         val_path: Optional[str] = None,
         val_fraction: float = 0.05,
         split: str = "train",
         tokenizer: Optional[str] = None,
         max_prompt_length: Optional[int] = 512,
         max_completion_length: Optional[int] = 256,
-        prompt_truncation: str = "end",
+        prompt_truncation: Literal["end", "start"] = "end",
         batch_size: int = 8,
         shuffle: bool = True,
         seed: int = 0,
         limit: Optional[int] = None,
-        on_bad_rows: str = "error",
+        on_bad_rows: Literal["error", "skip"] = "error",
         reranker: Optional[ReRanker] = None,
         num_workers: int = 0,
         pad_to_multiple_of: int = 1,
     ):
         super().__init__()
         if mode not in MODES:
-            raise ValueError(f"data.mode={mode!r}: choose one of {MODES}")
+            raise ConfigError(f"data.mode={mode!r}: choose one of {MODES}")
         if format not in FORMATS:
-            raise ValueError(f"data.format={format!r}: choose one of {FORMATS}")
+            raise ConfigError(f"data.format={format!r}: choose one of {FORMATS}")
         if prompt_truncation not in ("end", "start"):
-            raise ValueError(f"data.prompt_truncation={prompt_truncation!r}: choose 'end' or 'start'")
+            raise ConfigError(f"data.prompt_truncation={prompt_truncation!r}: choose 'end' or 'start'")
         if not 0.0 <= val_fraction < 1.0:
-            raise ValueError(f"data.val_fraction={val_fraction}: must be in [0, 1)")
+            raise ConfigError(f"data.val_fraction={val_fraction}: must be in [0, 1)")
+        check_data_numbers(locals())
         if reranker is not None and reranker.effects() and mode != "preference":
-            raise ValueError(f"data.reranker re-ranks preference pairs, but data.mode={mode!r} has none: remove data.reranker")
+            raise ConfigError(f"data.reranker re-ranks preference pairs, but data.mode={mode!r} has none: remove data.reranker")
         self.save_hyperparameters(ignore=["reranker"])
         self.path, self.mode, self.format = path, mode, format
         self.val_path, self.val_fraction, self.split = val_path, val_fraction, split
@@ -103,7 +112,7 @@ class AlignDataModule(L.LightningDataModule):
         rows, skipped = normalize_rows(source, self.format, self.mode, self.on_bad_rows, source=path)
         self.skipped_rows += skipped
         if not rows:
-            raise ValueError(f"{path}: no usable rows (format={self.format}, mode={self.mode})")
+            raise ConfigError(f"{path}: no usable rows (format={self.format}, mode={self.mode})")
         return rows
 
     def _resolve_tokenizer(self):
@@ -115,7 +124,7 @@ class AlignDataModule(L.LightningDataModule):
             return load_tokenizer(PolicyConfig(name_or_path=self.tokenizer_name))
         module = self.trainer.lightning_module if self.trainer is not None else None
         if module is None or getattr(module, "tokenizer", None) is None:
-            raise ValueError("AlignDataModule needs a tokenizer: set data.tokenizer, or train a module that has one")
+            raise ConfigError("AlignDataModule needs a tokenizer: set data.tokenizer, or train a module that has one")
         return module.tokenizer
 
     def setup(self, stage: Optional[str] = None) -> None:
@@ -169,7 +178,7 @@ class AlignDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         if len(self.train_set) < self.batch_size:
-            raise ValueError(
+            raise ConfigError(
                 f"{self.path}: the train split has {len(self.train_set)} rows, fewer than data.batch_size="
                 f"{self.batch_size}; lower the batch size or add data"
             )

@@ -133,6 +133,9 @@ def _prompt(row: dict, field: str, source: str, index: int) -> list[dict]:
         for m in value:
             if not isinstance(m.get("content"), str) or m.get("role") not in ("system", "user", "assistant"):
                 raise BadRowError(source, index, field, "messages need a role and string content")
+        if not any(m["role"] == "user" for m in value):
+            roles = [m["role"] for m in value]
+            raise BadRowError(source, index, field, f"the prompt has no user turn (roles: {roles}); add the user's message")
         return value
     return [{"role": "user", "content": _text(row, field, source, index)}]
 

@@ -22,6 +22,8 @@ from typing import Collection, Optional
 import torch
 from torch import Tensor
 
+from lit_align.checks import ConfigError
+
 DECISION_KEY = "pair_decision"
 EFFECTS = ("confidence", "flip", "keep")
 
@@ -120,23 +122,23 @@ def check_reranking(
     """
     effects = reranker.effects()
     if has_scores and not effects:
-        raise ValueError(
+        raise ConfigError(
             f"model.probe_path is set but data.reranker ({reranker!r}) decides nothing, so {consumer}'s probe "
             "scores would change no pair: add data.reranker: {class_path: lit_align.ConfidenceReRanker, "
             "init_args: {action: soft}} or remove model.probe_path"
         )
     if has_scores and not reranker.needs_scores:
-        raise ValueError(
+        raise ConfigError(
             f"data.reranker ({reranker!r}) scores pairs itself, and {consumer}'s probe (model.probe_path) would "
             "replace those scores: remove model.probe_path or use lit_align.ConfidenceReRanker"
         )
     if reranker.needs_scores and not has_scores:
-        raise ValueError(
+        raise ConfigError(
             f"data.reranker ({reranker!r}) decides from probe scores, which {consumer} does not compute, so no "
             "pair would be re-ranked: " + scores_hint
         )
     if effects and not effects & set(honours):
-        raise ValueError(
+        raise ConfigError(
             f"data.reranker ({reranker!r}) only sets {sorted(effects)}, which {consumer}'s loss ignores: "
             + ignored_hint
         )

@@ -11,13 +11,14 @@ Notation: z = (log π(y_c) − log π_ref(y_c)) − (log π(y_r) − log π_ref(
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Literal, Optional, get_args
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust", "conservative")
+LossType = Literal["sigmoid", "ipo", "hinge", "robust", "conservative"]
+LOSS_TYPES: tuple[str, ...] = get_args(LossType)
 
 
 def _logratios(policy_chosen, policy_rejected, ref_chosen, ref_rejected):

@@ -10,6 +10,8 @@ import torch
 import torch.distributed as dist
 from torch.optim.lr_scheduler import LambdaLR
 
+from lit_align.checks import ConfigError, check_range
+
 
 class WarmupCosineLR(LambdaLR):
     """Linear warm-up for `warmup_steps`, then cosine decay to `min_ratio` × lr at `total_steps`."""
@@ -26,6 +28,18 @@ class WarmupCosineLR(LambdaLR):
 
 def default_optimizer(params: Iterable) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=1e-6)
+
+
+def build_optimizer(optimizer: Callable, groups: list[dict]) -> torch.optim.Optimizer:
+    """`optimizer(groups)`, refusing a learning rate that would not descend (torch accepts lr=0)."""
+    try:
+        built = optimizer(groups)
+    except ValueError as err:  # torch's own checks: "Invalid learning rate: -1.0", ...
+        raise ConfigError(f"model.optimizer: {err}") from err
+    for group in built.param_groups:
+        lr = float(group["lr"])
+        check_range("model.optimizer lr", lr, 0, low_open=True, why="0 trains nothing; a negative rate ascends the loss")
+    return built
 
 
 class AlignModule(L.LightningModule):
@@ -71,7 +85,7 @@ class AlignModule(L.LightningModule):
         self._side_optimizers = self.side_optimizers()
         self._load_side_states(getattr(self, "_side_optimizer_states", None) or {})
         self._side_optimizer_states = {}
-        optimizer = self.optimizer(self.parameter_groups())
+        optimizer = build_optimizer(self.optimizer, self.parameter_groups())
         if self.lr_scheduler is None:
             return optimizer
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.lr_scheduler(optimizer), "interval": "step"}}
@@ -96,7 +110,7 @@ class AlignModule(L.LightningModule):
     def _load_side_states(self, states: dict) -> None:
         for name, state in states.items():
             if name not in self._side_optimizers:
-                raise ValueError(
+                raise ConfigError(
                     f"the checkpoint holds the state of a side optimiser {name!r} that this {type(self).__name__} "
                     f"does not have (it has {sorted(self._side_optimizers)}): resume with the configuration "
                     "that wrote the checkpoint (e.g. model.co_train_probe)"
@@ -149,7 +163,7 @@ class AlignModule(L.LightningModule):
         own = self.state_dict()
         missing = [k for k in dropped if k not in own]
         if missing:
-            raise ValueError(
+            raise ConfigError(
                 f"checkpoint was saved without {len(missing)} frozen weights this module does not have "
                 f"(e.g. {missing[0]}): load it with the same model.policy configuration"
             )

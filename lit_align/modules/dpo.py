@@ -15,14 +15,15 @@ from __future__ import annotations
 import inspect
 import logging
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional, get_args
 
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor
 
+from lit_align.checks import ConfigError, check_range
 from lit_align.data.rerank import DECISION_KEY, PairDecision, ReRanker, check_reranking
-from lit_align.losses.dpo import LOSS_TYPES, dpo_loss, sft_loss
+from lit_align.losses.dpo import LOSS_TYPES, LossType, dpo_loss, sft_loss
 from lit_align.losses.probe import pairwise_margin_loss
 from lit_align.models import PolicyConfig, cache_root, export_hf, load_causal_lm, load_tokenizer
 from lit_align.modules.base import AlignModule, default_optimizer
@@ -31,7 +32,19 @@ from lit_align.modules.refcache import ReferenceCache
 
 log = logging.getLogger(__name__)
 
-REFERENCES = ("copy", "lora_base", "cached")
+Reference = Literal["copy", "lora_base", "cached"]
+REFERENCES: tuple[str, ...] = get_args(Reference)
+
+
+def check_dpo_numbers(beta, label_smoothing, sft_weight, probe_lr, probe_weight_decay, probe_margin) -> None:
+    """Refuse numbers that would invert or silence DPO's objective."""
+    check_range("model.beta", beta, 0, low_open=True, why="a negative β inverts the preference; 0 ignores it")
+    check_range("model.label_smoothing", label_smoothing, 0, 0.5, high_open=True,
+                why="it is the assumed rate of flipped labels; at 0.5 or more the labels carry no preference")
+    check_range("model.sft_weight", sft_weight, 0, why="a negative weight would push the chosen answers down")
+    check_range("model.probe_lr", probe_lr, 0, low_open=True, why="0 would not train the probe")
+    check_range("model.probe_weight_decay", probe_weight_decay, 0)
+    check_range("model.probe_margin", probe_margin, 0)
 
 
 class DPOModule(AlignModule):
@@ -42,9 +55,10 @@ class DPOModule(AlignModule):
         loss_type: "sigmoid" (DPO), "ipo", "hinge", "robust" or "conservative" (cDPO with the
             re-ranker's confidence γ, or 1 − label_smoothing without one). Only "conservative"
             reads γ; every loss honours the re-ranker's flips and drops.
-        beta: Strength of the implicit KL penalty (temperature of the implicit reward).
-        label_smoothing: Assumed label-noise rate ε for "robust" and "conservative" (an error with
-            the other losses, which ignore it; TRL's sigmoid with label_smoothing is "conservative").
+        beta: Strength of the implicit KL penalty (temperature of the implicit reward); > 0.
+        label_smoothing: Assumed label-noise rate ε, 0 ≤ ε < 0.5, for "robust" and "conservative"
+            (an error with the other losses, which ignore it, as TRL's sigmoid loss does; "conservative"
+            is cDPO, the older TRL sigmoid loss with label smoothing, which TRL 1.16 no longer applies).
         sft_weight: Weight of an added NLL term on the chosen completions (RPO; TRL's
             `loss_type=[<loss>, "sft"]` with `loss_weights=[1, sft_weight]`); 0 turns it off.
         reference: Where reference log-probs come from: "copy" (a frozen second model),
@@ -73,11 +87,11 @@ class DPOModule(AlignModule):
     def __init__(
         self,
         policy: PolicyConfig,
-        loss_type: str = "sigmoid",
+        loss_type: LossType = "sigmoid",
         beta: float = 0.1,
         label_smoothing: float = 0.0,
         sft_weight: float = 0.0,
-        reference: str = "copy",
+        reference: Reference = "copy",
         reference_cache_dir: Optional[str] = None,
         probe_path: Optional[str] = None,
         co_train_probe: bool = False,
@@ -92,22 +106,24 @@ class DPOModule(AlignModule):
     ):
         super().__init__()
         if loss_type not in LOSS_TYPES:
-            raise ValueError(f"model.loss_type={loss_type!r}: choose one of {LOSS_TYPES}")
+            raise ConfigError(f"model.loss_type={loss_type!r}: choose one of {LOSS_TYPES}")
         if reference not in REFERENCES:
-            raise ValueError(f"model.reference={reference!r}: choose one of {REFERENCES}")
+            raise ConfigError(f"model.reference={reference!r}: choose one of {REFERENCES}")
         if reference == "lora_base" and policy.lora is None:
-            raise ValueError("model.reference='lora_base' needs model.policy.lora (the base is the reference)")
+            raise ConfigError("model.reference='lora_base' needs model.policy.lora (the base is the reference)")
         if co_train_probe and probe_path is None:
-            raise ValueError("model.co_train_probe needs model.probe_path (the probe file to co-train)")
+            raise ConfigError("model.co_train_probe needs model.probe_path (the probe file to co-train)")
+        check_dpo_numbers(beta, label_smoothing, sft_weight, probe_lr, probe_weight_decay, probe_margin)
         if label_smoothing and loss_type not in ("robust", "conservative"):
-            raise ValueError(
+            raise ConfigError(
                 f"model.label_smoothing={label_smoothing} has no effect with loss_type={loss_type!r}: only robust "
-                "and conservative read it (TRL's sigmoid loss with label_smoothing is loss_type: conservative)"
+                "and conservative read it (TRL's sigmoid loss ignores label_smoothing; the label-noise-aware "
+                "losses are loss_type: robust, or conservative for cDPO)"
             )
         probe_settings = {"probe_lr": probe_lr, "probe_weight_decay": probe_weight_decay, "probe_margin": probe_margin}
         unused = [f"model.{k}" for k, v in probe_settings.items() if v is not None]
         if unused and not co_train_probe:
-            raise ValueError(
+            raise ConfigError(
                 f"{', '.join(unused)} set, but model.co_train_probe is false, so the probe is not trained: "
                 f"set model.co_train_probe: true or remove {', '.join(unused)}"
             )
@@ -160,7 +176,7 @@ class DPOModule(AlignModule):
             "reads it): set model.loss_type: conservative, or use action: flip or action: drop",
         )
         if self.loss_type == "conservative" and self.label_smoothing and "confidence" in reranker.effects():
-            raise ValueError(
+            raise ConfigError(
                 f"model.label_smoothing={self.label_smoothing} would not act in training: the re-ranker's γ replaces "
                 "1 − label_smoothing as the conservative loss's confidence; remove model.label_smoothing"
             )

@@ -29,6 +29,7 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor
 
+from lit_align.checks import ConfigError, check_range
 from lit_align.generation import Generator, HFGenerator, SamplingConfig
 from lit_align.losses.grpo import (
     LOSS_TYPES,
@@ -74,6 +75,31 @@ class Rollout:
     def split(self, parts: int) -> list["Rollout"]:
         size = -(-len(self) // parts)
         return [self.rows(i, i + size) for i in range(0, len(self), size)]
+
+
+def check_grpo_numbers(args: dict) -> None:
+    """Refuse GRPO settings out of their range (`args`: GRPOModule's arguments by name)."""
+    checks = [
+        ("num_generations", 2, None, False, "GRPO compares at least 2 completions per prompt"),
+        ("max_completion_length", 1, None, False, ""),
+        ("temperature", 0, None, True, "0 is greedy: the group's completions would be identical"),
+        ("top_p", 0, 1, True, "a probability mass"),
+        ("top_k", 0, None, False, "0 turns it off"),
+        ("repetition_penalty", 0, None, True, "1 turns it off"),
+        ("beta", 0, None, False, "a negative KL coefficient rewards drifting from the reference"),
+        ("epsilon", 0, None, False, "a clipping range"),
+        ("epsilon_high", args["epsilon"], None, False, "the upper clipping range is at least epsilon"),
+        ("num_iterations", 1, None, False, ""),
+        ("steps_per_generation", 1, None, False, ""),
+        ("micro_batch_size", 1, None, False, ""),
+        ("max_grad_norm", 0, None, True, "null turns clipping off"),
+        ("log_completions_every_n_steps", 0, None, False, "0: never"),
+        ("num_completions_to_log", 0, None, False, "a count"),
+    ]
+    for name, low, high, low_open, why in checks:
+        check_range(f"model.{name}", args[name], low, high, low_open=low_open, why=why)
+    for weight in args["reward_weights"] or []:
+        check_range("model.reward_weights[]", weight, why="a finite weight")
 
 
 class GRPOModule(AlignModule):
@@ -158,23 +184,22 @@ class GRPOModule(AlignModule):
     ):
         super().__init__()
         if loss_type not in LOSS_TYPES:
-            raise ValueError(f"model.loss_type={loss_type!r}: choose one of {LOSS_TYPES}")
+            raise ConfigError(f"model.loss_type={loss_type!r}: choose one of {LOSS_TYPES}")
         if scale_rewards not in ("group", "batch", "none"):
-            raise ValueError(f"model.scale_rewards={scale_rewards!r}: choose group, batch or none")
+            raise ConfigError(f"model.scale_rewards={scale_rewards!r}: choose group, batch or none")
         if multi_objective_aggregation not in ("sum_then_normalize", "normalize_then_sum"):
-            raise ValueError(f"model.multi_objective_aggregation={multi_objective_aggregation!r}")
-        if num_generations < 2:
-            raise ValueError(f"model.num_generations={num_generations}: GRPO compares at least 2 completions per prompt")
+            raise ConfigError(f"model.multi_objective_aggregation={multi_objective_aggregation!r}")
+        check_grpo_numbers(locals())
         if not reward_funcs:
-            raise ValueError("model.reward_funcs is empty: give at least one reward source")
+            raise ConfigError("model.reward_funcs is empty: give at least one reward source")
         if reference is None:
             reference = "lora_base" if policy.lora is not None else "copy"
         if reference not in REFERENCES:
-            raise ValueError(f"model.reference={reference!r}: choose one of {REFERENCES}")
+            raise ConfigError(f"model.reference={reference!r}: choose one of {REFERENCES}")
         if reference == "lora_base" and policy.lora is None:
-            raise ValueError("model.reference='lora_base' needs model.policy.lora (the base is the reference)")
+            raise ConfigError("model.reference='lora_base' needs model.policy.lora (the base is the reference)")
         if generation_backend not in ("lean", "hf"):
-            raise ValueError(f"model.generation_backend={generation_backend!r}: choose 'lean' or 'hf'")
+            raise ConfigError(f"model.generation_backend={generation_backend!r}: choose 'lean' or 'hf'")
         # reward_funcs may be objects; max_completion_length would clash with the DataModule's
         # hparam of the same name (unused in prompts mode). Pass both again to load_from_checkpoint.
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler", "reward_funcs", "max_completion_length"])
@@ -184,7 +209,7 @@ class GRPOModule(AlignModule):
         self.reward_names = unique_names(self.reward_funcs)
         weights = [1.0] * len(self.reward_funcs) if reward_weights is None else list(reward_weights)
         if len(weights) != len(self.reward_funcs):
-            raise ValueError(f"model.reward_weights has {len(weights)} values for {len(self.reward_funcs)} reward_funcs")
+            raise ConfigError(f"model.reward_weights has {len(weights)} values for {len(self.reward_funcs)} reward_funcs")
         self.reward_weights = torch.tensor(weights, dtype=torch.float32)
         self.aggregation, self.scale_rewards = multi_objective_aggregation, scale_rewards
         self.num_generations = num_generations

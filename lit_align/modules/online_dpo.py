@@ -23,6 +23,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from lit_align.checks import ConfigError
 from lit_align.data.collate import Collator
 from lit_align.data.rerank import ReRanker
 from lit_align.generation import SamplingConfig
@@ -88,20 +89,20 @@ class OnlineDPOModule(DPOModule):
         **kwargs,
     ):
         if kwargs.get("co_train_probe"):
-            raise ValueError(
+            raise ConfigError(
                 "OnlineDPOModule: model.co_train_probe would train the probe on the pairs' labels, which here "
                 "are the probe's own picks (nothing to learn): remove model.co_train_probe"
             )
         if kwargs.get("reference") == "cached":
-            raise ValueError(
+            raise ConfigError(
                 "OnlineDPOModule: model.reference='cached' stores reference log-probs of fixed pairs, but the "
                 "pairs here are sampled anew every step: use reference: copy or lora_base"
             )
         sampling = sampling if sampling is not None else SamplingConfig(max_new_tokens=64, temperature=1.0)
         if num_candidates < 2:
-            raise ValueError(f"OnlineDPOModule: model.num_candidates={num_candidates}; a pair needs at least 2 candidates")
+            raise ConfigError(f"OnlineDPOModule: model.num_candidates={num_candidates}; a pair needs at least 2 candidates")
         if sampling.temperature <= 0:
-            raise ValueError(
+            raise ConfigError(
                 "OnlineDPOModule: model.sampling.temperature=0 is greedy decoding, which gives k identical "
                 "candidates (no pair): set a temperature > 0"
             )
@@ -127,7 +128,7 @@ class OnlineDPOModule(DPOModule):
         datamodule = getattr(self.trainer, "datamodule", None)
         mode = getattr(datamodule, "mode", None)
         if mode != "prompts":
-            raise ValueError(
+            raise ConfigError(
                 f"OnlineDPOModule samples its own pairs from prompts, but data.mode={mode!r}: set data.mode: prompts "
                 "(data.path may be a preference file; its prompts are used)"
             )
@@ -136,7 +137,7 @@ class OnlineDPOModule(DPOModule):
 
     def check_reranker(self, reranker: ReRanker) -> None:
         if reranker.effects():
-            raise ValueError(
+            raise ConfigError(
                 f"OnlineDPOModule: data.reranker ({reranker!r}) would re-rank pairs the probe has just picked: remove data.reranker"
             )
 
@@ -171,7 +172,7 @@ class OnlineDPOModule(DPOModule):
         picked, left_out = pick_pairs(prompts, completions, scores, self.min_margin)
         distinct = any(len({tuple(c) for c in completions[i * k : (i + 1) * k]}) > 1 for i in range(len(prompts)))
         if distinct and bool((scores.amax(1) == scores.amin(1)).all()):  # different texts, never a different score
-            raise ValueError(
+            raise ConfigError(
                 f"OnlineDPOModule: the probe {self.pair_probe_path} gives every candidate of the batch the same score, so "
                 "no pair has a preference (a freshly built probe scores everything 0): train the probe first "
                 "(lit-align fit -c configs/probe.yaml)"

@@ -14,7 +14,7 @@ from __future__ import annotations
 import copy
 import logging
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
@@ -22,6 +22,7 @@ from torch import Tensor
 from torchmetrics import MeanMetric
 from torchmetrics.classification import BinaryAccuracy, BinaryAUROC
 
+from lit_align.checks import ConfigError, check_range
 from lit_align.losses.probe import bce_loss, pairwise_margin_loss
 from lit_align.models import PolicyConfig, load_causal_lm, load_tokenizer, resolve_name
 from lit_align.modules.base import AlignModule
@@ -58,10 +59,10 @@ class ProbeModule(AlignModule):
     def __init__(
         self,
         backbone: PolicyConfig,
-        kind: str = "hybrid",
+        kind: Literal["hybrid", "logistic", "mean_diff"] = "hybrid",
         layers: Optional[list[int]] = None,
-        pooling: str = "last",
-        loss: str = "auto",
+        pooling: Literal["last", "mean"] = "last",
+        loss: Literal["auto", "bce", "pairwise"] = "auto",
         margin: float = 1.0,
         feature_batch_size: int = 16,
         cache_dir: Optional[str] = None,
@@ -73,9 +74,11 @@ class ProbeModule(AlignModule):
         from transformers import AutoConfig
 
         if kind not in PROBES:
-            raise ValueError(f"model.kind={kind!r}: choose one of {sorted(PROBES)}")
+            raise ConfigError(f"model.kind={kind!r}: choose one of {sorted(PROBES)}")
         if loss not in ("auto", "bce", "pairwise"):
-            raise ValueError(f"model.loss={loss!r}: choose auto, bce or pairwise")
+            raise ConfigError(f"model.loss={loss!r}: choose auto, bce or pairwise")
+        check_range("model.margin", margin, 0, why="a negative margin accepts pairs scored the wrong way round")
+        check_range("model.feature_batch_size", feature_batch_size, 1)
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         config = AutoConfig.from_pretrained(resolve_name(backbone.name_or_path), revision=backbone.revision)
         config = getattr(config, "text_config", None) or config
@@ -97,12 +100,12 @@ class ProbeModule(AlignModule):
     def setup(self, stage: Optional[str] = None) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)
         if datamodule is None or not hasattr(datamodule, "train_set"):
-            raise ValueError("ProbeModule trains on an AlignDataModule (data: in the config)")
+            raise ConfigError("ProbeModule trains on an AlignDataModule (data: in the config)")
         if datamodule.mode not in ("labeled", "preference"):
-            raise ValueError(f"ProbeModule needs data.mode labeled or preference, got {datamodule.mode!r}")
+            raise ConfigError(f"ProbeModule needs data.mode labeled or preference, got {datamodule.mode!r}")
         self.mode = datamodule.mode
         if self.loss_name == "pairwise" and self.mode == "labeled":
-            raise ValueError("model.loss=pairwise needs preference data (data.mode=preference)")
+            raise ConfigError("model.loss=pairwise needs preference data (data.mode=preference)")
         if not self.features:
             self.extract(datamodule)
 

@@ -26,6 +26,7 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
+from lit_align.checks import ConfigError, check_range
 from lit_align.data.rerank import DECISION_KEY, PairDecision, ReRanker, check_reranking
 from lit_align.losses.reward import bradley_terry_loss, pairwise_metrics
 from lit_align.models import DTYPES, LoraArgs, PolicyConfig, is_peft, load_tokenizer, resolve_name
@@ -113,9 +114,12 @@ class RewardModule(AlignModule):
     ):
         super().__init__()
         if head not in ("sequence_classification", "last_token"):
-            raise ValueError(f"model.head={head!r}: choose 'sequence_classification' or 'last_token'")
+            raise ConfigError(f"model.head={head!r}: choose 'sequence_classification' or 'last_token'")
         if not backbone.name_or_path:
-            raise ValueError("model.backbone.name_or_path is empty: name a hub id or a local directory")
+            raise ConfigError("model.backbone.name_or_path is empty: name a hub id or a local directory")
+        check_range("model.margin", margin, 0, why="a negative margin accepts pairs scored the wrong way round")
+        check_range("model.center_rewards_coefficient", center_rewards_coefficient, 0,
+                    why="a negative coefficient pushes rewards apart without bound")
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         backbone = resolve_backbone(backbone)
         self.backbone_config, self.head_type = backbone, head
@@ -131,7 +135,7 @@ class RewardModule(AlignModule):
     def _from_pretrained_kwargs(self) -> dict:
         cfg = self.backbone_config
         if cfg.dtype not in DTYPES:
-            raise ValueError(f"model.backbone.dtype={cfg.dtype!r}: choose one of {sorted(DTYPES)}")
+            raise ConfigError(f"model.backbone.dtype={cfg.dtype!r}: choose one of {sorted(DTYPES)}")
         kwargs = dict(cfg.extra, dtype=DTYPES[cfg.dtype], trust_remote_code=cfg.trust_remote_code,
                       revision=cfg.revision, gguf_file=cfg.gguf_file)
         if cfg.attn_implementation:
@@ -286,7 +290,7 @@ class RewardModule(AlignModule):
         seq = AutoModelForSequenceClassification.from_config(config)
         score = getattr(seq, "score", None)
         if not isinstance(score, nn.Linear) or score.bias is not None:
-            raise ValueError(
+            raise ConfigError(
                 f"head='last_token' exports only to decoders whose sequence-classification class reads the last "
                 f"token with a bias-free `score` layer; {type(seq).__name__} does not: use head='sequence_classification'"
             )

@@ -19,6 +19,7 @@ from typing import Literal, Optional
 import torch
 from torch import Tensor
 
+from lit_align.checks import ConfigError, check_range
 from lit_align.data.rerank import PairDecision, ReRanker
 from lit_align.probes.confidence import batch_confidence, pair_confidence
 
@@ -43,16 +44,20 @@ class ConfidenceReRanker(ReRanker):
             policy: the former name of `action`; setting it is an error (in lit_align "policy" is the trained model).
         """
         if policy is not None:
-            raise ValueError(
+            raise ConfigError(
                 f"{type(self).__name__}(policy={policy!r}): the argument is now called `action` "
                 f"(the policy is the trained model); write action: {policy}"
             )
         if action not in ("soft", "flip", "drop"):
-            raise ValueError(f"{type(self).__name__} action={action!r}: choose soft, flip or drop")
+            raise ConfigError(f"{type(self).__name__} action={action!r}: choose soft, flip or drop")
         if granularity not in ("batch", "pair"):
-            raise ValueError(f"{type(self).__name__} granularity={granularity!r}: choose batch or pair")
+            raise ConfigError(f"{type(self).__name__} granularity={granularity!r}: choose batch or pair")
+        check_range(f"{type(self).__name__}.alpha", alpha, 0, low_open=True,
+                    why="α ≤ 0 inverts or flattens the probe's confidence")
+        check_range(f"{type(self).__name__}.drop_threshold", drop_threshold, 0, 1, low_open=True,
+                    why="a confidence γ below it drops the pair; γ lies in [0, 1]")
         if drop_threshold is not None and action != "drop":
-            raise ValueError(
+            raise ConfigError(
                 f"{type(self).__name__}(action={action!r}, drop_threshold={drop_threshold}): only action=drop "
                 "uses drop_threshold; remove it or set action: drop"
             )
