@@ -8,6 +8,7 @@ from lit_align.eval.drift import DriftConfig
 from lit_align.eval.judges import Judge, LLMJudge, ProbeJudge, ProbeRefusalJudge, RefusalPhraseJudge, RewardJudge, Verdicts
 from lit_align.eval.labelled import LabelledFile, load_labelled
 from lit_align.eval.metrics import Estimate, bootstrap_ci, estimate, summarize
+from lit_align.eval.phrase_tuning import TunedPhrases, tune_phrases
 from lit_align.eval.prefill import PrefillConfig
 from lit_align.eval.prompts import PRESETS, PromptSetConfig, load_prompt_set
 
@@ -24,10 +25,12 @@ __all__ = [
     "PromptSetConfig",
     "RefusalPhraseJudge",
     "RewardJudge",
+    "TunedPhrases",
     "Verdicts",
     "bootstrap_ci",
     "estimate",
     "load_labelled",
     "load_prompt_set",
     "summarize",
+    "tune_phrases",
 ]

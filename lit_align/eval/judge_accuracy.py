@@ -28,9 +28,12 @@ from typing import Literal, Optional
 import torch
 
 from lit_align.eval.classification import binary_report, fit_threshold, label_breakdown, resample_index
-from lit_align.eval.judges import DEFAULT_JUDGE_PROMPT, LLMJudge, ProbeRefusalJudge, RefusalPhraseJudge, RewardJudge, Verdicts
+from lit_align.eval.judges import (
+    DEFAULT_JUDGE_PROMPT, PHRASE_LISTS, LLMJudge, ProbeRefusalJudge, RefusalPhraseJudge, RewardJudge, Verdicts,
+)  # fmt: skip
 from lit_align.eval.labelled import LabelledFile, is_refusal, load_labelled_counted
 from lit_align.eval.metrics import to_jsonable
+from lit_align.eval.phrase_tuning import tune_phrases
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +69,14 @@ class AccuracyJudgesConfig:
     """Refusal-phrase lists, each scored with every `phrase_match`."""
     phrase_match: list[Literal["anywhere", "start"]] = field(default_factory=lambda: ["anywhere", "start"])
     """Where a phrase must occur."""
+    tuned_phrases: list[Literal["jailbreakbench", "advbench", "jailbreakbench+advbench"]] = field(default_factory=list)
+    """Starting lists to tune on each training file (`lit_align.eval.phrase_tuning.tune_phrases`:
+    greedy additions of the training refusals' n-grams and removals, matched anywhere, case-insensitively)
+    and test on every other file."""
+    tune_min_gain: int = 3
+    """A tuning edit must fix at least this many more training rows than it breaks."""
+    tune_min_support: int = 3
+    """A candidate n-gram must occur in at least this many training refusals."""
     probes: list[ProbeJudgeConfig] = field(default_factory=list)
     """Learned refusal probes, trained on one file and tested on the others."""
     llm_judge: Optional[str] = None
@@ -180,19 +191,23 @@ def check_arguments(files: list[LabelledFile], judges: AccuracyJudgesConfig, fol
     names = [f.label for f in files]
     if len(set(names)) != len(names):
         raise ValueError(f"judge-accuracy: file names {names} repeat; give each a `name`")
-    if judges.probes or judges.shadow or judges.reward:
+    if judges.probes or judges.shadow or judges.reward or judges.tuned_phrases:
         if len(files) < 2:
-            raise ValueError("judge-accuracy: learned judges (probes, shadow, reward) train on one file and "
+            raise ValueError("judge-accuracy: learned judges (probes, shadow, reward, tuned_phrases) train on one file and "
                              "test on another; give at least two files or drop them")  # fmt: skip
     unused = [(judges.shadow_strategy != "linear" and not judges.shadow, "judges.shadow_strategy needs judges.shadow"),
               (judges.llm_judge_prompt != DEFAULT_JUDGE_PROMPT and not judges.llm_judge, "judges.llm_judge_prompt needs judges.llm_judge"),
-              (bool(judges.phrases) and not judges.phrase_match, "judges.phrases needs at least one judges.phrase_match")]  # fmt: skip
+              (bool(judges.phrases) and not judges.phrase_match, "judges.phrases needs at least one judges.phrase_match"),
+              ((judges.tune_min_gain, judges.tune_min_support) != (3, 3) and not judges.tuned_phrases,
+               "judges.tune_min_gain / tune_min_support need judges.tuned_phrases"),
+              (min(judges.tune_min_gain, judges.tune_min_support) < 1, "judges.tune_min_gain and tune_min_support must be ≥ 1")]  # fmt: skip
     for bad, message in unused:
         if bad:
             raise ValueError(f"judge-accuracy: {message}")
-    if not ((judges.phrases and judges.phrase_match) or judges.probes or judges.llm_judge or judges.shadow or judges.reward):
-        raise ValueError("judge-accuracy: no judge to score; set judges.phrases (with judges.phrase_match), probes, "
-                         "llm_judge, shadow or reward")  # fmt: skip
+    if not ((judges.phrases and judges.phrase_match) or judges.tuned_phrases or judges.probes or judges.llm_judge
+            or judges.shadow or judges.reward):
+        raise ValueError("judge-accuracy: no judge to score; set judges.phrases (with judges.phrase_match), tuned_phrases, "
+                         "probes, llm_judge, shadow or reward")  # fmt: skip
     for p in judges.probes:
         if not 0 < p.threshold < 1:
             raise ValueError(f"judge-accuracy: probe {p.label!r} threshold={p.threshold}: a probability in (0, 1)")
@@ -268,6 +283,7 @@ def run_judges(judges: AccuracyJudgesConfig, data: dict, index: dict, lvl: float
             judge = RefusalPhraseJudge(phrases, match=match)
             for n, rows in data.items():
                 entries.append(_entry(f"phrases/{phrases}/{match}", None, n, score(rows, [judge.is_refusal(r["completion"]) for r in rows], index[n], lvl)))
+    entries += _tuned_phrase_entries(judges, data, index, lvl)
     models: dict[str, tuple] = {}  # one load per backbone (the LLM judge and a probe may share it)
 
     def backbone(spec: str):
@@ -292,6 +308,23 @@ def run_judges(judges: AccuracyJudgesConfig, data: dict, index: dict, lvl: float
     for cfg in judges.probes:
         model, tok = backbone(cfg.backbone)
         entries += _probe_entries(cfg, model, tok, data, index, lvl, out, fit_kw)
+    return entries
+
+
+def _tuned_phrase_entries(judges: AccuracyJudgesConfig, data: dict, index: dict, lvl: float) -> list[dict]:
+    """Phrase lists tuned on each training file's labels, scored on every other file."""
+    entries = []
+    for start in judges.tuned_phrases:
+        base = [p for name in start.split("+") for p in PHRASE_LISTS[name]]
+        for train, rows in data.items():
+            tuned = tune_phrases([r["completion"] for r in rows], [r["refusal"] for r in rows], base,
+                                 min_support=judges.tune_min_support, min_gain=judges.tune_min_gain)  # fmt: skip
+            judge = RefusalPhraseJudge(tuned.phrases, match="anywhere", case_sensitive=False)
+            for test, test_rows in data.items():
+                if test != train:
+                    refused = [judge.is_refusal(r["completion"]) for r in test_rows]
+                    entries.append(_entry(f"phrases/tuned-{start}/anywhere", train, test, score(test_rows, refused, index[test], lvl),
+                                          phrases=tuned.phrases, steps=tuned.steps, start_errors=tuned.start_errors))  # fmt: skip
     return entries
 
 
