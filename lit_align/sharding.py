@@ -1,7 +1,10 @@
 """Sharding Hugging Face models with FSDP2 inside Lightning's ModelParallelStrategy.
 
-Modules load their models in `configure_model()` and call `shard_model(model, self.device_mesh)`
-there. FSDP2 (`torch.distributed.fsdp.fully_shard`) turns every parameter into a DTensor sharded
+Modules load their models in `configure_model()` and pass each through `AlignModule.shard_model(model)`,
+which, when the strategy provides a device mesh, calls `apply_sharding(model, mesh, **options)` with
+the strategy's options (`FSDP2Strategy`'s `ShardingConfig`, overridable per module class): a frozen
+model (a reference) goes to `prepare_reference` (sharded or replicated), a trained one to
+`shard_model`. FSDP2 (`torch.distributed.fsdp.fully_shard`) turns every parameter into a DTensor sharded
 on dim 0 over the data-parallel ranks; a *unit* is a group of parameters all-gathered together
 before its forward and freed after. Units here are:
 
