@@ -132,13 +132,31 @@ def _device(device: str) -> str:
 CACHE_FORMAT = 2  # 2: the completions' token ids are stored too (prefill prefixes, drift answers)
 
 
+def weights_fingerprint(spec: str, dtype: str = "float32") -> str:
+    """The content fingerprint of the evaluated weights, as `lit_align.modules.refcache` takes it:
+    a model directory, alias or downloaded hub id through `model_fingerprint` (every file, a
+    strided sample of every safetensors tensor), a `.ckpt` file through `file_sample`. Weights
+    re-saved into the same place get a new fingerprint; a re-save of the same weights keeps it.
+    (A `.ckpt` holding only a LoRA adapter is keyed by the adapter, not by its base model.)
+    A hub id not downloaded yet is keyed by its name."""
+    from lit_align.modules.refcache import file_sample, model_fingerprint
+
+    path = Path(spec)
+    if path.is_file():
+        digest = hashlib.sha256(f"{path.name}:{path.stat().st_size}:{dtype}".encode())
+        file_sample(path, digest)
+        return digest.hexdigest()[:16]
+    try:
+        return model_fingerprint(PolicyConfig(name_or_path=spec, dtype=dtype))
+    except FileNotFoundError:
+        return f"{spec}:{dtype}"
+
+
 def _fingerprint(
-    spec: str, rows: list[dict], sampling: SamplingConfig, seed: int, batch_size: int, sampler: str, extra=None
-) -> str:
-    h = hashlib.sha256(json.dumps([spec, dataclasses.asdict(sampling), seed, batch_size, sampler, CACHE_FORMAT, extra]).encode())
-    if Path(spec).exists():
-        for f in sorted(Path(spec).glob("*.safetensors")) if Path(spec).is_dir() else [Path(spec)]:
-            h.update(f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}".encode())
+    spec: str, rows: list[dict], sampling: SamplingConfig, seed: int, batch_size: int, sampler: str, extra=None,
+    weights: str = "",
+) -> str:  # fmt: skip
+    h = hashlib.sha256(json.dumps([spec, weights, dataclasses.asdict(sampling), seed, batch_size, sampler, CACHE_FORMAT, extra]).encode())
     h.update(json.dumps([r["prompt"] for r in rows]).encode())
     return h.hexdigest()[:24]
 
@@ -189,11 +207,16 @@ class Generations:
     batch_size: int
     seed: int
     progress: bool
+    dtype: str = "float32"
+    weights: dict = dataclasses.field(default_factory=dict)
+    """spec -> `weights_fingerprint`, taken once per run."""
 
     def __call__(self, generator, spec, label, set_name, rows, suffix="", extra=None, encode=None, sampling=None):
         """(generation, cache path) of `rows` (see `_generate`)."""
         sampling = sampling or self.sampling
-        key = _fingerprint(spec, rows, sampling, self.seed, self.batch_size, type(generator).__name__, extra)
+        if spec not in self.weights:
+            self.weights[spec] = weights_fingerprint(spec, self.dtype)
+        key = _fingerprint(spec, rows, sampling, self.seed, self.batch_size, type(generator).__name__, extra, self.weights[spec])
         cache = self.out / "generations" / f"{_safe(label)}__{_safe(set_name)}{suffix}.json"
         desc = f"{label} / {set_name}{suffix}"
         return _generate(generator, rows, sampling, self.batch_size, self.seed, self.progress, desc, cache, key, encode), cache
@@ -302,7 +325,7 @@ def evaluate(
     drifter = Drift(drift, rows_by_set, models) if drift is not None else None
     static = build_static_judges(judges, dtype, device)
     attack = PrefillAttack(prefill, prompt_sets, rows_by_set, models, static) if prefill is not None else None
-    gens = Generations(out, sampling, batch_size, seed, progress)
+    gens = Generations(out, sampling, batch_size, seed, progress, dtype)
 
     records: dict[str, list[dict]] = {}
     for spec, name in _schedule(models, names, [attack and attack.source, drifter and drifter.reference]):
