@@ -187,6 +187,10 @@ def test_resume_generates_nothing_new_and_completes_a_torn_file(tiny_model_dir, 
     # other generation settings are refused, not mixed into the stored ones
     with pytest.raises(ValueError, match=r"pairs\.generations\.jsonl line 1: generated with other settings \(refusal_tokens"):
         run(tiny_model_dir, prompt_sets, out, refusal_tokens=11)
+    # a file of the older format (records keyed by row id, no header) is refused, not misread
+    gen_path.write_text(json.dumps({"id": "harmful.jsonl:0", "answer": "a", "refusal": OPENER}) + "\n")
+    with pytest.raises(ValueError, match=r"pairs\.generations\.jsonl line 1: no settings header"):
+        run(tiny_model_dir, prompt_sets, out)
 
 
 def test_cli_with_a_config_file(tiny_model_dir, prompt_sets, tmp_path):

@@ -124,12 +124,15 @@ def read_generations(path: Path, settings: dict) -> dict[str, dict]:
         data = data[:cut]
     lines = data.decode("utf-8").splitlines()
     header = _parse(path, 1, lines[0]) if lines else {}
-    if header.get("settings") != settings:
-        stored = header.get("settings") or {}
-        differ = sorted(k for k in {*stored, *settings} if stored.get(k) != settings.get(k)) or ["header"]
+    if "settings" not in header:
+        raise ValueError(f"{path} line 1: no settings header (a file of an older build-pairs, which recorded neither "
+                         "prompts nor settings); delete it to generate again, or choose another `output`")  # fmt: skip
+    if header["settings"] != settings:
+        stored = header["settings"]
+        differ = sorted(k for k in {*stored, *settings} if stored.get(k) != settings.get(k))
         raise ValueError(
-            f"{path} line 1: generated with other settings ({', '.join(differ)} differ: {stored or lines[0][:80]!r} "
-            f"vs {settings}); delete it to generate again, or choose another `output`"
+            f"{path} line 1: generated with other settings ({', '.join(differ)} differ: {stored} vs {settings}); "
+            "delete it to generate again, or choose another `output`"
         )
     done = {}
     for n, line in enumerate(lines[1:], start=2):
