@@ -193,6 +193,23 @@ def test_resume_generates_nothing_new_and_completes_a_torn_file(tiny_model_dir, 
         run(tiny_model_dir, prompt_sets, out)
 
 
+def test_pair_ids_are_unique_across_sets_reading_files_of_one_name(tiny_model_dir, tmp_path):
+    from lit_align.data.datamodule import AlignDataModule
+
+    (tmp_path / "bad").mkdir(), (tmp_path / "good").mkdir()
+    harmful = write_jsonl(tmp_path / "bad" / "train.jsonl", [{"prompt": p} for p in HARMFUL])
+    harmless = write_jsonl(tmp_path / "good" / "train.jsonl", [{"prompt": p} for p in HARMLESS])
+    sets = ([PromptSetConfig(preset="custom", path=str(harmful), name="bad")],
+            [PromptSetConfig(preset="custom", path=str(harmless), name="good", harmful=False)])  # fmt: skip
+    run(tiny_model_dir, sets, tmp_path / "pairs.jsonl")
+    pairs = read_jsonl(tmp_path / "pairs.jsonl")
+    assert [p["id"] for p in pairs] == [f"{s}/train.jsonl:{i}" for s in ("bad", "good") for i in range(3)]
+    # the pairs file is what DPO reads: the datamodule takes it (it refuses repeated ids)
+    data = AlignDataModule(str(tmp_path / "pairs.jsonl"), tokenizer=str(tiny_model_dir), val_fraction=0.0, batch_size=2)
+    data.setup("fit")
+    assert len(data.train_set) == 6
+
+
 def test_cli_with_a_config_file(tiny_model_dir, prompt_sets, tmp_path):
     harmful, harmless = prompt_sets
     config = tmp_path / "pairs.yaml"

@@ -227,7 +227,8 @@ def build_pairs(
         harmful: Prompt sets the policy should refuse (e.g. {preset: custom, path:
             ../shared/data/refusal_direction/harmful_train.json, text_column: instruction}).
         harmless: Prompt sets the policy should answer (e.g. Alpaca instructions, borderline requests).
-        output: The pairs JSONL (prompt, chosen, rejected, category, kind, set, id). Beside it:
+        output: The pairs JSONL (prompt, chosen, rejected, category, kind, set, and id = "<set>/<file
+            name>:<row>", unique even when two sets read files of the same name). Beside it:
             `<output>.generations.jsonl` (resumable) and `<output>.stats.json`.
         policy: The model whose answers and refusals make the pairs.
         exclude: Evaluation prompt sets: a training prompt too close to any of their prompts is dropped.
@@ -296,7 +297,7 @@ def assemble(rows: list[dict], generations: dict[str, dict], stats: dict[str, Co
             continue
         chosen, rejected = (refusal, answer) if row["harmful"] else (answer, refusal)
         pairs.append({
-            "id": row["id"], "prompt": row["prompt"], "chosen": chosen, "rejected": rejected,
+            "id": f"{row['set']}/{row['id']}", "prompt": row["prompt"], "chosen": chosen, "rejected": rejected,
             "category": row["category"] if row["harmful"] else None,
             "kind": "harmful" if row["harmful"] else "harmless", "set": row["set"],
         })  # fmt: skip
