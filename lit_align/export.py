@@ -34,13 +34,14 @@ WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_or
 
 
 # ---------------------------------------------------------------------------- reading checkpoints
-def is_sharded(path: Path) -> bool:
+def is_sharded_checkpoint(path: Path) -> bool:
+    """A sharded (distributed) checkpoint: a directory with Lightning's metadata file."""
     return path.is_dir() and (path / META_FILE).is_file()
 
 
 def read_metadata(path: Path) -> dict:
     """Hyper-parameters etc. Checkpoints are pickles: only export checkpoints you trust."""
-    if is_sharded(path):
+    if is_sharded_checkpoint(path):
         return torch.load(path / META_FILE, map_location="cpu", weights_only=False)
     if path.is_file():
         return torch.load(path, map_location="cpu", mmap=True, weights_only=False)
@@ -120,7 +121,7 @@ def load_weights(path: Path, meta: dict, model_keys: list[str], model_attr: Opti
     stay as loaded from the base model.
     """
     frozen = set(meta.get("lit_align_frozen_keys") or [])
-    if not is_sharded(path):
+    if not is_sharded_checkpoint(path):
         state = meta["state_dict"]
         names = list(state)
     else:
@@ -129,7 +130,7 @@ def load_weights(path: Path, meta: dict, model_keys: list[str], model_attr: Opti
     by_clean = {clean(k): k for k in [*names, *frozen]}
     prefix = find_prefix(model_keys, list(by_clean), model_attr, path)
     stored = {k: by_clean[prefix + k] for k in model_keys if by_clean[prefix + k] not in frozen}
-    if not is_sharded(path):
+    if not is_sharded_checkpoint(path):
         return {k: state[name] for k, name in stored.items()}
 
     import torch.distributed.checkpoint as dcp
@@ -227,7 +228,7 @@ def export(
     model.load_state_dict(weights, strict=False)  # keys not in `weights` are frozen base weights
     model.eval()
     out = export_hf(model, load_tokenizer(cfg), out_dir, merge_lora=merge_lora)
-    log.info("Exported %s (%s) to %s", path, "sharded" if is_sharded(path) else "full", out)
+    log.info("Exported %s (%s) to %s", path, "sharded" if is_sharded_checkpoint(path) else "full", out)
     return out
 
 

@@ -10,7 +10,7 @@ import functools
 import importlib.util
 import logging
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -220,6 +220,23 @@ def is_peft(model) -> bool:
     return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
 
 
+def unwrap_peft(model):
+    """The transformers model inside a peft wrapper (the model itself otherwise)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def takes_logits_to_keep(model) -> bool:
+    """Whether the (peft-unwrapped) model's forward can compute the LM head on the last positions only."""
+    import inspect
+
+    return "logits_to_keep" in inspect.signature(unwrap_peft(model).forward).parameters
+
+
+def is_fsdp_sharded(model) -> bool:
+    """FSDP2-sharded parameters (DTensors): the root module's forward must run to gather them."""
+    return any(type(p).__name__ == "DTensor" for p in model.parameters())
+
+
 def export_hf(model, tokenizer, out_dir: str | Path, merge_lora: bool = True) -> Path:
     """Save a Hugging Face directory `AutoModelForCausalLM.from_pretrained` loads.
 
@@ -235,10 +252,6 @@ def export_hf(model, tokenizer, out_dir: str | Path, merge_lora: bool = True) ->
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     return out_dir
-
-
-def lora_dict(cfg: PolicyConfig) -> Optional[dict]:
-    return asdict(cfg.lora) if cfg.lora is not None else None
 
 
 # Checkpoints store these configs among their hyper-parameters; they hold plain values only,

@@ -36,6 +36,8 @@ from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from torch import nn
 from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
+from lit_align.models import unwrap_peft
+
 log = logging.getLogger(__name__)
 
 _MP_DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
@@ -60,11 +62,6 @@ torch.serialization.add_safe_globals([ShardingConfig])
 
 
 # ---------------------------------------------------------------------------- finding blocks
-def unwrap_peft(model: nn.Module) -> nn.Module:
-    """The transformers model inside a peft wrapper (the model itself otherwise)."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
 def decoder_blocks(model: nn.Module) -> list[nn.Module]:
     """The repeated transformer blocks of a (possibly peft-wrapped) HF model, in order.
 

@@ -102,12 +102,3 @@ def sft_loss(chosen_logps: Tensor, chosen_lengths: Tensor, weights: Optional[Ten
     so that they become what the policy actually says."""
     weights = torch.ones_like(chosen_logps) if weights is None else weights.to(chosen_logps.dtype)
     return -(chosen_logps * weights).sum() / (chosen_lengths.to(chosen_logps.dtype) * weights).sum().clamp(min=1)
-
-
-def sequence_logps(logits: Tensor, input_ids: Tensor, completion_mask: Tensor) -> Tensor:
-    """Σ_t log π(y_t | y_<t, x) over completion tokens: logits [N, T, V] predict input_ids[:, 1:]."""
-    labels = input_ids[:, 1:]
-    mask = completion_mask[:, 1:].to(logits.dtype)
-    logps = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-    token_logps = torch.gather(logps, 2, labels.unsqueeze(-1)).squeeze(-1)
-    return (token_logps * mask).sum(-1)

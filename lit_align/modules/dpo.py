@@ -12,7 +12,6 @@ One training step:
 
 from __future__ import annotations
 
-import inspect
 import logging
 from pathlib import Path
 from typing import Literal, Optional, get_args
@@ -24,8 +23,9 @@ from torch import Tensor
 from lit_align.checks import ConfigError, check_range
 from lit_align.data.rerank import DECISION_KEY, PairDecision, ReRanker, check_reranking
 from lit_align.losses.dpo import LOSS_TYPES, LossType, dpo_loss, sft_loss
+from lit_align.losses.logps import token_logps
 from lit_align.losses.probe import pairwise_margin_loss
-from lit_align.models import PolicyConfig, cache_root, export_hf, load_causal_lm, load_tokenizer
+from lit_align.models import PolicyConfig, cache_root, export_hf, load_causal_lm, load_tokenizer, takes_logits_to_keep
 from lit_align.modules.base import AlignModule, default_optimizer
 from lit_align.modules.packing import packed_sequence_logps, supports_packing
 from lit_align.modules.refcache import ReferenceCache
@@ -200,8 +200,7 @@ class DPOModule(AlignModule):
     # ------------------------------------------------------------------ log-probs
     def _logits_to_keep(self, model, completion_mask: Tensor) -> dict:
         """Compute LM-head logits only from the first completion token on (prompts are long)."""
-        forward = getattr(model, "get_base_model", lambda: model)().forward
-        if "logits_to_keep" not in inspect.signature(forward).parameters:
+        if not takes_logits_to_keep(model):
             return {}
         first = int(completion_mask.int().argmax(dim=1).min())
         return {"logits_to_keep": completion_mask.shape[1] - max(first - 1, 0)}
@@ -222,12 +221,9 @@ class DPOModule(AlignModule):
         )
         k = out.logits.shape[1]
         labels = input_ids[:, -k + 1 :] if k > 1 else input_ids[:, :0]
-        logits = out.logits[:, :-1]
-        if logits.dtype in (torch.float16, torch.bfloat16):
-            logits = logits.float()  # log-softmax in half precision loses the small probabilities
-        mask = completion_mask[:, -k + 1 :].to(logits.dtype)
-        token_logps = torch.gather(logits, 2, labels.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
-        return (token_logps * mask).sum(-1), (out.hidden_states if output_hidden_states else None)
+        logps = token_logps(out.logits[:, :-1], labels)
+        mask = completion_mask[:, -k + 1 :].to(logps.dtype)
+        return (logps * mask).sum(-1), (out.hidden_states if output_hidden_states else None)
 
     @staticmethod
     def concatenated(batch: dict) -> tuple[Tensor, Tensor, Tensor]:

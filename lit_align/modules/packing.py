@@ -24,12 +24,14 @@ models, logit soft-capping or scaling — takes the padded path.
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
+
+from lit_align.losses.logps import token_logps
+from lit_align.models import is_fsdp_sharded, takes_logits_to_keep, unwrap_peft
 
 
 @dataclass
@@ -160,24 +162,19 @@ class UnpackedHiddenStates(Sequence):
 
 def supports_packing(model) -> bool:
     """A decoder-only HF causal LM whose logits are just `lm_head(h)` (no soft-capping or scaling)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = unwrap_peft(model)
     config = getattr(base, "config", None)
     if config is None or getattr(config, "is_encoder_decoder", False):
         return False
-    if "logits_to_keep" not in inspect.signature(base.forward).parameters:
+    if not takes_logits_to_keep(base):
         return False
     if type(base).__module__.split(".")[-1] in ("modeling_gemma2", "modeling_gemma3", "modeling_cohere", "modeling_granite"):
         return False  # these scale or soft-cap their logits
     if getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None):
         return False
-    if is_sharded(base):
+    if is_fsdp_sharded(base):
         return False
     return base.get_output_embeddings() is not None
-
-
-def is_sharded(model) -> bool:
-    """FSDP2-sharded parameters: the root module's forward must run to gather them."""
-    return any(type(p).__name__ == "DTensor" for p in model.parameters())
 
 
 def plan(
@@ -204,7 +201,7 @@ def packed_sequence_logps(
 
     With `share_prompt`, a [chosen; rejected] batch whose halves share prompts takes the shared-prompt
     layout; anything else is packed."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = unwrap_peft(model)
     packing = plan(input_ids, attention_mask, completion_mask, base, share_prompt)
     # The model's own forward (hooks, adapters), asked for no logits; hidden_states[-1] is the final-norm output.
     out = model(
@@ -222,10 +219,7 @@ def packed_sequence_logps(
     target[:, 0] = False
     seq, t = target.nonzero(as_tuple=True)
     logits = base.get_output_embeddings()(hidden[packing.packed_index()[seq * width + t - 1]])
-    if logits.dtype in (torch.float16, torch.bfloat16):
-        logits = logits.float()  # log-softmax in half precision loses the small probabilities
-    labels = input_ids[seq, t]
-    token_logps = logits.gather(1, labels[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
-    logps = token_logps.new_zeros(n).index_add(0, seq, token_logps)
+    per_token = token_logps(logits, input_ids[seq, t])
+    logps = per_token.new_zeros(n).index_add(0, seq, per_token)
     hidden_states = UnpackedHiddenStates(out.hidden_states, packing) if output_hidden_states else None
     return logps, hidden_states

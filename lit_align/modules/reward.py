@@ -29,9 +29,11 @@ from torch import Tensor, nn
 from lit_align.checks import ConfigError, check_range
 from lit_align.data.rerank import DECISION_KEY, PairDecision, ReRanker, check_reranking
 from lit_align.losses.reward import bradley_terry_loss, pairwise_metrics
-from lit_align.models import DTYPES, LoraArgs, PolicyConfig, is_peft, load_tokenizer, resolve_name
+from lit_align.models import (
+    DTYPES, LoraArgs, PolicyConfig, is_fsdp_sharded, is_peft, load_tokenizer, resolve_name, unwrap_peft,
+)
 from lit_align.modules.base import AlignModule, default_optimizer
-from lit_align.modules.packing import is_sharded, plan
+from lit_align.modules.packing import plan
 
 log = logging.getLogger(__name__)
 
@@ -172,7 +174,7 @@ class RewardModule(AlignModule):
             return
         self.model = self.shard_model(self.build_model())
         # fixed from here on: FSDP2 needs the root forward; only a causal backbone can share a prompt
-        self.sharded = is_sharded(self.model)
+        self.sharded = is_fsdp_sharded(self.model)
         parts = self.body_and_head()
         self.causal = parts is not None and any(getattr(m, "is_causal", False) for m in parts[0].modules())
 
@@ -183,7 +185,7 @@ class RewardModule(AlignModule):
         by FSDP2 (its root forward gathers the parameters)."""
         if self.head_type == "last_token":
             return self.model, self.score_head
-        classifier = self.model.get_base_model() if is_peft(self.model) else self.model
+        classifier = unwrap_peft(self.model)
         head = getattr(classifier, "score", None)  # decoders' *ForSequenceClassification
         return (classifier.base_model, head) if head is not None and not self.sharded else None
 

@@ -28,7 +28,7 @@ from torch import Tensor
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from lit_align.models import kv_cache
+from lit_align.models import is_fsdp_sharded, kv_cache, unwrap_peft
 
 
 def prompt_groups(prompt_ids: Tensor, prompt_mask: Tensor) -> Tensor:
@@ -38,13 +38,13 @@ def prompt_groups(prompt_ids: Tensor, prompt_mask: Tensor) -> Tensor:
 
 
 def supports_shared_prompt(model) -> bool:
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = unwrap_peft(model)
     config = getattr(base, "config", None)
     if config is None or getattr(config, "is_encoder_decoder", False):
         return False
     if any(getattr(m, "gradient_checkpointing", False) for m in base.modules()):
         return False  # checkpointed layers run without a cache
-    if any(type(p).__name__ == "DTensor" for p in base.parameters()):
+    if is_fsdp_sharded(base):
         return False  # FSDP2: one forward per step keeps the sharding hooks simple
     try:
         layers = DynamicCache(config=config).layers

@@ -96,10 +96,9 @@ def encode_texts(
 # ---------------------------------------------------------------------------- extraction
 def _skip_lm_head(model) -> dict:
     """Ask for logits at one position only: the LM head over every token is wasted work here."""
-    import inspect
+    from lit_align.models import takes_logits_to_keep
 
-    forward = getattr(model, "get_base_model", lambda: model)().forward
-    return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(forward).parameters else {}
+    return {"logits_to_keep": 1} if takes_logits_to_keep(model) else {}
 
 
 @torch.no_grad()
@@ -142,8 +141,9 @@ def extract_features(
 
 
 # ---------------------------------------------------------------------------- cache
-def model_fingerprint(model, sample: int = 4096) -> str:
-    """A cheap fingerprint of a model: its config plus a strided sample of every parameter.
+def parameters_fingerprint(model, sample: int = 4096) -> str:
+    """A cheap fingerprint of a model in memory: its config plus a strided sample of every parameter
+    (`lit_align.modules.refcache.model_fingerprint` fingerprints a model's files instead).
 
     Any training step changes the sampled values, so fine-tuned weights get a new fingerprint
     without hashing hundreds of megabytes."""
@@ -187,7 +187,7 @@ def cached_features(
     from safetensors.torch import load_file, save_file
 
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    key = features_fingerprint(model_fingerprint(model), input_ids, layers, pooling)
+    key = features_fingerprint(parameters_fingerprint(model), input_ids, layers, pooling)
     path = cache / f"{key}.safetensors"
     if path.is_file():
         log.info("reusing cached features %s", path)
@@ -207,7 +207,7 @@ __all__ = [
     "encode_texts",
     "extract_features",
     "last_token_index",
-    "model_fingerprint",
+    "parameters_fingerprint",
     "resolve_layers",
     "select_features",
 ]
