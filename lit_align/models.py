@@ -12,7 +12,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
 import torch
 
@@ -64,8 +64,8 @@ class PolicyConfig:
     """Hub id, local directory, or a built-in alias (`smollm2-135m-instruct`)."""
     gguf_file: Optional[str] = None
     """A GGUF file inside `name_or_path` to load (de-quantised) instead of safetensors."""
-    dtype: str = "float32"
-    """Parameter dtype: float32, bfloat16 or float16."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Parameter dtype."""
     trust_remote_code: bool = False
     """Run model code shipped with the checkpoint. Off unless you trust its author."""
     revision: Optional[str] = None

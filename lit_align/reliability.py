@@ -24,7 +24,7 @@ import math
 import os
 import random
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, Literal, Optional
 
 import numpy as np
 import torch
@@ -66,7 +66,11 @@ class NonFiniteGuard(Callback):
     """
 
     def __init__(
-        self, on_nonfinite: str = "stop", max_skipped_batches: int = 10, check_checkpoints: bool = True, default: bool = False
+        self,
+        on_nonfinite: Literal["stop", "skip"] = "stop",
+        max_skipped_batches: int = 10,
+        check_checkpoints: bool = True,
+        default: bool = False,
     ):
         if on_nonfinite not in ("stop", "skip"):
             raise ValueError(f"NonFiniteGuard on_nonfinite={on_nonfinite!r}: choose 'stop' or 'skip'")

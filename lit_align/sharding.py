@@ -41,6 +41,7 @@ from lit_align.models import unwrap_peft
 log = logging.getLogger(__name__)
 
 _MP_DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+MixedPrecision = Literal["auto", "bf16", "bfloat16", "fp16", "float16"]
 
 
 @dataclass
@@ -49,7 +50,7 @@ class ShardingConfig:
 
     reshard_after_forward: bool = True
     """Free gathered block weights after forward (ZeRO-3); False keeps them until backward (ZeRO-2, faster, more memory)."""
-    mixed_precision: Optional[str] = "auto"
+    mixed_precision: Optional[MixedPrecision] = "auto"
     """"auto": bf16 compute with fp32 gradient reduction on CUDA, none on CPU; "bf16", "fp16" or None (fp32)."""
     activation_checkpointing: bool = False
     """Recompute each decoder block's activations in backward."""
@@ -262,7 +263,7 @@ class FSDP2Strategy(ModelParallelStrategy):
         tensor_parallel_size: Union[Literal["auto"], int] = 1,
         save_distributed_checkpoint: bool = True,
         reshard_after_forward: bool = True,
-        mixed_precision: Optional[str] = "auto",
+        mixed_precision: Optional[MixedPrecision] = "auto",
         activation_checkpointing: bool = False,
         reference: Literal["shard", "replicate"] = "shard",
         process_group_backend: Optional[str] = None,

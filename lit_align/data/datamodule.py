@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader
 
 from lit_align.checks import ConfigError, check_range
 from lit_align.data.collate import Collator, encode_row
-from lit_align.data.formats import FORMATS, MODES, Format, Mode, load_rows, load_source, normalize_rows
+from lit_align.data.formats import FORMATS, MODES, PRESETS, Format, Mode, load_rows, load_source, normalize_rows
 from lit_align.data.rerank import DECISION_KEY, ReRanker, check_reranking
 from lit_align.reliability import ResumableDataLoader, ResumableSampler
 
@@ -78,7 +78,7 @@ class AlignDataModule(L.LightningDataModule):
         super().__init__()
         if mode not in MODES:
             raise ConfigError(f"data.mode={mode!r}: choose one of {MODES}")
-        if format not in FORMATS:
+        if format not in PRESETS:  # the registry (a format added at run time is one too)
             raise ConfigError(f"data.format={format!r}: choose one of {FORMATS}")
         if prompt_truncation not in ("end", "start"):
             raise ConfigError(f"data.prompt_truncation={prompt_truncation!r}: choose 'end' or 'start'")

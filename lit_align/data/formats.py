@@ -7,9 +7,10 @@ parquet file). A *format* preset says how a source's columns map onto lit_align'
 * `hh_rlhf`:       Anthropic HH-RLHF transcripts, split at the last "\\n\\nAssistant:"
 * `pku_saferlhf`:  prompt, response_0/1, safer_response_id, is_response_{0,1}_safe
 
-and a *mode* says what the module needs: `preference` pairs, `prompts` (GRPO), or
-`labeled` texts (probes). Every row is validated; a bad row raises `BadRowError` naming the
-file, row and field, or is skipped and counted when `on_bad_rows="skip"`.
+(adding one is a preset function and one line in `PRESETS`), and a *mode* says what the module
+needs: `preference` pairs, `prompts` (GRPO), or `labeled` texts (probes). Every row is
+validated; a bad row raises `BadRowError` naming the file, row and field, or is skipped and
+counted when `on_bad_rows="skip"`.
 """
 
 from __future__ import annotations
@@ -17,14 +18,12 @@ from __future__ import annotations
 import logging
 import re
 from pathlib import Path
-from typing import Any, Iterable, Literal, Optional
+from typing import Any, Callable, Iterable, Literal, Optional, get_args
 
 log = logging.getLogger(__name__)
 
 Mode = Literal["preference", "prompts", "labeled"]
-Format = Literal["generic", "hh_rlhf", "pku_saferlhf"]
-MODES = ("preference", "prompts", "labeled")
-FORMATS = ("generic", "hh_rlhf", "pku_saferlhf")
+MODES: tuple[str, ...] = get_args(Mode)
 
 
 class BadRowError(ValueError):
@@ -243,7 +242,15 @@ def _generic(row: dict, mode: str, source: str, index: int) -> list[dict]:
     return [_pair(prompt, chosen, rejected, category, source, index)]
 
 
-PRESETS = {"generic": _generic, "hh_rlhf": _hh_rlhf, "pku_saferlhf": _pku_saferlhf}
+# format name -> preset(row, mode, source, index) -> rows in lit_align's shape (raises BadRowError)
+PRESETS: dict[str, Callable[[dict, str, str, int], list[dict]]] = {
+    # -- registry: one line per format --
+    "generic": _generic,
+    "hh_rlhf": _hh_rlhf,
+    "pku_saferlhf": _pku_saferlhf,
+}
+FORMATS: tuple[str, ...] = tuple(PRESETS)
+Format = Literal[FORMATS]  # the registry's names (so `--help` lists them)
 
 
 def _rows_checking_encoding(rows: Iterable[dict], source: str) -> Iterable[dict]:

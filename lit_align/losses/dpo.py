@@ -7,22 +7,19 @@ completions (summed over completion tokens) and returns
 re-ranker) is the caller's: the module takes a masked mean.
 
 Notation: z = (log π(y_c) − log π_ref(y_c)) − (log π(y_r) − log π_ref(y_r)).
+
+Adding a loss is one function of `PairTerms` and one line in `DPO_LOSSES` (which also says what
+the loss reads, so that DPOModule refuses settings it would ignore): `loss_type` takes its name.
 """
 
 from __future__ import annotations
 
-from typing import Literal, Optional, get_args
+from dataclasses import dataclass
+from typing import Callable, Literal, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-
-LossType = Literal["sigmoid", "ipo", "hinge", "robust", "conservative"]
-LOSS_TYPES: tuple[str, ...] = get_args(LossType)
-
-
-def _logratios(policy_chosen, policy_rejected, ref_chosen, ref_rejected):
-    return policy_chosen - ref_chosen, policy_rejected - ref_rejected
 
 
 def sigmoid_loss(z: Tensor, beta: float) -> Tensor:
@@ -55,6 +52,61 @@ def conservative_loss(z: Tensor, beta: float, confidence: Tensor | float) -> Ten
     return -confidence * F.logsigmoid(beta * z) - (1 - confidence) * F.logsigmoid(-beta * z)
 
 
+# ---------------------------------------------------------------------------- the registry
+@dataclass(frozen=True)
+class PairTerms:
+    """What a DPO loss may read, per pair: the log-ratios log π(y) − log π_ref(y), β, and the options."""
+
+    chosen_logratio: Tensor
+    rejected_logratio: Tensor
+    beta: float
+    label_smoothing: float = 0.0
+    confidence: Optional[Tensor | float] = None
+    chosen_lengths: Optional[Tensor] = None
+    rejected_lengths: Optional[Tensor] = None
+
+    @property
+    def z(self) -> Tensor:
+        return self.chosen_logratio - self.rejected_logratio
+
+
+def _ipo(t: PairTerms) -> Tensor:
+    if t.chosen_lengths is None or t.rejected_lengths is None:
+        raise ValueError("loss_type='ipo' needs chosen_lengths and rejected_lengths")
+    return ipo_loss(t.chosen_logratio, t.rejected_logratio, t.chosen_lengths, t.rejected_lengths, t.beta)
+
+
+def _robust(t: PairTerms) -> Tensor:
+    if not 0.0 <= t.label_smoothing < 0.5:
+        raise ValueError(f"loss_type='robust' needs 0 <= label_smoothing < 0.5, got {t.label_smoothing}")
+    return robust_loss(t.z, t.beta, t.label_smoothing)
+
+
+def _conservative(t: PairTerms) -> Tensor:
+    return conservative_loss(t.z, t.beta, 1.0 - t.label_smoothing if t.confidence is None else t.confidence)
+
+
+@dataclass(frozen=True)
+class DPOLoss:
+    """A registered loss: per-pair loss from `PairTerms`, and which options it reads."""
+
+    fn: Callable[[PairTerms], Tensor]
+    reads_label_smoothing: bool = False
+    reads_confidence: bool = False
+
+
+DPO_LOSSES: dict[str, DPOLoss] = {
+    # -- registry: one line per loss --
+    "sigmoid": DPOLoss(lambda t: sigmoid_loss(t.z, t.beta)),
+    "ipo": DPOLoss(_ipo),
+    "hinge": DPOLoss(lambda t: hinge_loss(t.z, t.beta)),
+    "robust": DPOLoss(_robust, reads_label_smoothing=True),
+    "conservative": DPOLoss(_conservative, reads_label_smoothing=True, reads_confidence=True),
+}
+LOSS_TYPES: tuple[str, ...] = tuple(DPO_LOSSES)
+LossType = Literal[LOSS_TYPES]  # the registry's names (so `--help` lists them)
+
+
 def dpo_loss(
     policy_chosen_logps: Tensor,
     policy_rejected_logps: Tensor,
@@ -67,32 +119,20 @@ def dpo_loss(
     chosen_lengths: Optional[Tensor] = None,
     rejected_lengths: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Per-pair DPO loss of `loss_type` and the implicit rewards (detached).
+    """Per-pair DPO loss of `loss_type` (a name in `DPO_LOSSES`) and the implicit rewards (detached).
 
     Args:
         confidence: γ for "conservative" (scalar or [B]); defaults to 1 − label_smoothing.
         chosen_lengths, rejected_lengths: completion token counts, needed by "ipo".
     """
-    chosen_logratio, rejected_logratio = _logratios(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
-    z = chosen_logratio - rejected_logratio
-    if loss_type == "sigmoid":
-        losses = sigmoid_loss(z, beta)
-    elif loss_type == "hinge":
-        losses = hinge_loss(z, beta)
-    elif loss_type == "ipo":
-        if chosen_lengths is None or rejected_lengths is None:
-            raise ValueError("loss_type='ipo' needs chosen_lengths and rejected_lengths")
-        losses = ipo_loss(chosen_logratio, rejected_logratio, chosen_lengths, rejected_lengths, beta)
-    elif loss_type == "robust":
-        if not 0.0 <= label_smoothing < 0.5:
-            raise ValueError(f"loss_type='robust' needs 0 <= label_smoothing < 0.5, got {label_smoothing}")
-        losses = robust_loss(z, beta, label_smoothing)
-    elif loss_type == "conservative":
-        gamma = 1.0 - label_smoothing if confidence is None else confidence
-        losses = conservative_loss(z, beta, gamma)
-    else:
-        raise ValueError(f"unknown DPO loss_type {loss_type!r}; choose one of {LOSS_TYPES}")
-    return losses, beta * chosen_logratio.detach(), beta * rejected_logratio.detach()
+    if loss_type not in DPO_LOSSES:
+        raise ValueError(f"unknown DPO loss_type {loss_type!r}; choose one of {tuple(DPO_LOSSES)}")
+    terms = PairTerms(
+        policy_chosen_logps - ref_chosen_logps, policy_rejected_logps - ref_rejected_logps, beta,
+        label_smoothing, confidence, chosen_lengths, rejected_lengths,
+    )
+    losses = DPO_LOSSES[loss_type].fn(terms)
+    return losses, beta * terms.chosen_logratio.detach(), beta * terms.rejected_logratio.detach()
 
 
 def sft_loss(chosen_logps: Tensor, chosen_lengths: Tensor, weights: Optional[Tensor] = None) -> Tensor:

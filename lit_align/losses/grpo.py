@@ -9,7 +9,7 @@ T completion tokens.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Callable, Literal, Optional
 
 import torch
 import torch.nn.functional as F
@@ -17,8 +17,6 @@ from torch import Tensor, nn
 
 ScaleRewards = Literal["group", "batch", "none"]
 Aggregation = Literal["sum_then_normalize", "normalize_then_sum"]
-LossType = Literal["grpo", "bnpo", "dr_grpo", "dapo"]
-LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 STD_EPS = 1e-4  # the 1e-4 in Â = (r − mean) / (std + 1e-4)
 
 
@@ -146,6 +144,38 @@ def clipped_surrogate(
     return -torch.min(ratio * advantages, clipped * advantages), ratio
 
 
+def _per_sequence_mean(total: Tensor, mask: Tensor, max_completion_length, num_items_in_batch) -> Tensor:
+    return (total.sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
+
+
+def _batch_tokens(total: Tensor, mask: Tensor, max_completion_length, num_items_in_batch) -> Tensor:
+    return total.sum() / mask.sum().clamp(min=1.0)
+
+
+def _constant(total: Tensor, mask: Tensor, max_completion_length, num_items_in_batch) -> Tensor:
+    if max_completion_length is None:
+        raise ValueError("loss_type='dr_grpo' needs max_completion_length")
+    return total.sum() / (total.size(0) * max_completion_length)
+
+
+def _generation_batch_tokens(total: Tensor, mask: Tensor, max_completion_length, num_items_in_batch) -> Tensor:
+    if num_items_in_batch is None:
+        raise ValueError("loss_type='dapo' needs num_items_in_batch (active tokens of the generation batch)")
+    return total.sum() / torch.as_tensor(num_items_in_batch, dtype=total.dtype).clamp(min=1.0)
+
+
+# loss_type -> how Σ m ℓ is normalised (see reduce_loss)
+REDUCTIONS: dict[str, Callable[..., Tensor]] = {
+    # -- registry: one line per loss type --
+    "grpo": _per_sequence_mean,
+    "bnpo": _batch_tokens,
+    "dr_grpo": _constant,
+    "dapo": _generation_batch_tokens,
+}
+LOSS_TYPES: tuple[str, ...] = tuple(REDUCTIONS)
+LossType = Literal[LOSS_TYPES]  # the registry's names (so `--help` lists them)
+
+
 def reduce_loss(
     per_token_loss: Tensor,
     mask: Tensor,
@@ -160,21 +190,10 @@ def reduce_loss(
     * `dr_grpo`: Σ m ℓ / (N · max_completion_length)     (a constant, no length bias)
     * `dapo`:    Σ m ℓ / num_items_in_batch               (tokens of the whole generation batch)
     """
+    if loss_type not in REDUCTIONS:
+        raise ValueError(f"loss_type={loss_type!r}: choose one of {tuple(REDUCTIONS)}")
     mask = mask.to(per_token_loss.dtype)
-    total = per_token_loss * mask
-    if loss_type == "grpo":
-        return (total.sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
-    if loss_type == "bnpo":
-        return total.sum() / mask.sum().clamp(min=1.0)
-    if loss_type == "dr_grpo":
-        if max_completion_length is None:
-            raise ValueError("loss_type='dr_grpo' needs max_completion_length")
-        return total.sum() / (per_token_loss.size(0) * max_completion_length)
-    if loss_type == "dapo":
-        if num_items_in_batch is None:
-            raise ValueError("loss_type='dapo' needs num_items_in_batch (active tokens of the generation batch)")
-        return total.sum() / torch.as_tensor(num_items_in_batch, dtype=total.dtype).clamp(min=1.0)
-    raise ValueError(f"loss_type={loss_type!r}: choose one of {LOSS_TYPES}")
+    return REDUCTIONS[loss_type](per_token_loss * mask, mask, max_completion_length, num_items_in_batch)
 
 
 def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
@@ -257,8 +276,8 @@ class GRPOLoss(nn.Module):
         use_bias_correction_kl: bool = True,
     ):
         super().__init__()
-        if loss_type not in LOSS_TYPES:
-            raise ValueError(f"loss_type={loss_type!r}: choose one of {LOSS_TYPES}")
+        if loss_type not in REDUCTIONS:
+            raise ValueError(f"loss_type={loss_type!r}: choose one of {tuple(REDUCTIONS)}")
         self.beta, self.epsilon, self.epsilon_high = beta, epsilon, epsilon_high
         self.loss_type, self.max_completion_length = loss_type, max_completion_length
         self.use_bias_correction_kl = use_bias_correction_kl

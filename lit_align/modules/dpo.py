@@ -22,7 +22,7 @@ from torch import Tensor
 
 from lit_align.checks import ConfigError, check_range
 from lit_align.data.rerank import DECISION_KEY, PairDecision, ReRanker, check_reranking
-from lit_align.losses.dpo import LOSS_TYPES, LossType, dpo_loss, sft_loss
+from lit_align.losses.dpo import DPO_LOSSES, LossType, dpo_loss, sft_loss
 from lit_align.losses.logps import token_logps
 from lit_align.losses.probe import pairwise_margin_loss
 from lit_align.models import PolicyConfig, cache_root, export_hf, load_causal_lm, load_tokenizer, takes_logits_to_keep
@@ -105,8 +105,8 @@ class DPOModule(AlignModule):
         lr_scheduler: Optional[LRSchedulerCallable] = None,
     ):
         super().__init__()
-        if loss_type not in LOSS_TYPES:
-            raise ConfigError(f"model.loss_type={loss_type!r}: choose one of {LOSS_TYPES}")
+        if loss_type not in DPO_LOSSES:
+            raise ConfigError(f"model.loss_type={loss_type!r}: choose one of {tuple(DPO_LOSSES)}")
         if reference not in REFERENCES:
             raise ConfigError(f"model.reference={reference!r}: choose one of {REFERENCES}")
         if reference == "lora_base" and policy.lora is None:
@@ -114,11 +114,13 @@ class DPOModule(AlignModule):
         if co_train_probe and probe_path is None:
             raise ConfigError("model.co_train_probe needs model.probe_path (the probe file to co-train)")
         check_dpo_numbers(beta, label_smoothing, sft_weight, probe_lr, probe_weight_decay, probe_margin)
-        if label_smoothing and loss_type not in ("robust", "conservative"):
+        if label_smoothing and not DPO_LOSSES[loss_type].reads_label_smoothing:
+            readers = [k for k, v in DPO_LOSSES.items() if v.reads_label_smoothing]
+            readers = " and ".join([", ".join(readers[:-1]), readers[-1]] if len(readers) > 1 else readers)
             raise ConfigError(
-                f"model.label_smoothing={label_smoothing} has no effect with loss_type={loss_type!r}: only robust "
-                "and conservative read it (TRL's sigmoid loss ignores label_smoothing; the label-noise-aware "
-                "losses are loss_type: robust, or conservative for cDPO)"
+                f"model.label_smoothing={label_smoothing} has no effect with loss_type={loss_type!r}: only {readers} "
+                "read it (TRL's sigmoid loss ignores label_smoothing; the label-noise-aware losses are "
+                "loss_type: robust, or conservative for cDPO)"
             )
         probe_settings = {"probe_lr": probe_lr, "probe_weight_decay": probe_weight_decay, "probe_margin": probe_margin}
         unused = [f"model.{k}" for k, v in probe_settings.items() if v is not None]
@@ -167,7 +169,8 @@ class DPOModule(AlignModule):
 
     def check_reranker(self, reranker: ReRanker) -> None:
         """Refuse, at set-up, a re-ranker, probe or γ that would silently do nothing."""
-        honours = ("flip", "keep", "confidence") if self.loss_type == "conservative" else ("flip", "keep")
+        reads_confidence = DPO_LOSSES[self.loss_type].reads_confidence
+        honours = ("flip", "keep", "confidence") if reads_confidence else ("flip", "keep")
         check_reranking(
             reranker, type(self).__name__, honours, has_scores=self.probe_path is not None,
             scores_hint="set model.probe_path to a probe trained on this policy's hidden states "
@@ -175,7 +178,7 @@ class DPOModule(AlignModule):
             ignored_hint=f"model.loss_type={self.loss_type!r} ignores the confidence γ (only 'conservative' "
             "reads it): set model.loss_type: conservative, or use action: flip or action: drop",
         )
-        if self.loss_type == "conservative" and self.label_smoothing and "confidence" in reranker.effects():
+        if reads_confidence and self.label_smoothing and "confidence" in reranker.effects():
             raise ConfigError(
                 f"model.label_smoothing={self.label_smoothing} would not act in training: the re-ranker's γ replaces "
                 "1 − label_smoothing as the conservative loss's confidence; remove model.label_smoothing"

@@ -32,7 +32,7 @@ from torch import Tensor
 from lit_align.checks import ConfigError, check_range
 from lit_align.generation import Generator, HFGenerator, SamplingConfig
 from lit_align.losses.grpo import (
-    LOSS_TYPES,
+    REDUCTIONS,
     Aggregation,
     LossType,
     ScaleRewards,
@@ -183,8 +183,8 @@ class GRPOModule(AlignModule):
         lr_scheduler: Optional[LRSchedulerCallable] = None,
     ):
         super().__init__()
-        if loss_type not in LOSS_TYPES:
-            raise ConfigError(f"model.loss_type={loss_type!r}: choose one of {LOSS_TYPES}")
+        if loss_type not in REDUCTIONS:
+            raise ConfigError(f"model.loss_type={loss_type!r}: choose one of {tuple(REDUCTIONS)}")
         if scale_rewards not in ("group", "batch", "none"):
             raise ConfigError(f"model.scale_rewards={scale_rewards!r}: choose group, batch or none")
         if multi_objective_aggregation not in ("sum_then_normalize", "normalize_then_sum"):

@@ -13,10 +13,11 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Literal, Optional, Sequence
 
 import torch
 
+from lit_align.data.formats import Format
 from lit_align.generation import SamplingConfig
 from lit_align.models import PolicyConfig
 from lit_align.probes.features import encode_texts, extract_features
@@ -108,7 +109,7 @@ def rerank_candidates(
     probe: str,
     policy: PolicyConfig,
     output: str,
-    format: str = "generic",
+    format: Format = "generic",
     candidates_column: str = "candidates",
     num_candidates: int = 4,
     sampling: Optional[SamplingConfig] = None,
@@ -119,7 +120,7 @@ def rerank_candidates(
     max_length: Optional[int] = None,
     limit: Optional[int] = None,
     seed: int = 0,
-    on_bad_rows: str = "error",
+    on_bad_rows: Literal["error", "skip"] = "error",
 ) -> dict:
     """Write a preference JSONL chosen/rejected by probe score among k candidates per prompt.
 
