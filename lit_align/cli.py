@@ -41,10 +41,21 @@ def main(args: list[str] | None = None) -> None:
     set_parsing_settings(docstring_parse_attribute_docstrings=True)
     argv = list(sys.argv[1:] if args is None else args)
     if argv and argv[0] in COMMANDS:
-        from jsonargparse import auto_cli
+        from jsonargparse import ArgumentParser, auto_cli
+
+        from lit_align.checks import ConfigError
+        from lit_align.cli_errors import OneLineErrors, debug, exit_with_one_line
+
+        class Parser(OneLineErrors, ArgumentParser):  # a configuration mistake: one line
+            pass
 
         rest = ["--config" if a == "-c" else a for a in argv[1:]]  # `-c` as for fit/validate/test
-        auto_cli(_load(COMMANDS[argv[0]]), args=rest, as_positional=False)
+        try:
+            auto_cli(_load(COMMANDS[argv[0]]), args=rest, as_positional=False, parser_class=Parser)
+        except ConfigError as ex:
+            if debug():
+                raise
+            exit_with_one_line(str(ex), ex)
         return
     if not argv or argv[0] in ("-h", "--help") or argv[0] in TRAINER_SUBCOMMANDS:
         from lit_align.lightning_cli import run_lightning_cli

@@ -188,6 +188,30 @@ def test_config_mistake_is_one_line_without_traceback(base, name, line, tiny_mod
     assert len(errors) == 1 and errors[0].startswith("lit-align: error: " + line), errors
 
 
+SUBCOMMAND_ERRORS = [
+    (["--format", "foo"], "format: 'foo' is not one of: generic, hh_rlhf, pku_saferlhf"),  # the parser
+    (["--policy.name_or_path", "/nonexistent/lit_align/model"],  # a ConfigError inside the command
+     "name_or_path='/nonexistent/lit_align/model': no such directory, and not a hub id"),
+]
+
+
+@pytest.mark.parametrize("extra,line", SUBCOMMAND_ERRORS, ids=["parser", "config_error"])
+def test_subcommand_config_mistake_is_one_line(extra, line, tiny_model_dir, tmp_path, capsys):
+    from lit_align.cli import main
+    from lit_align.probes.hybrid import build_probe
+
+    data = tmp_path / "candidates.jsonl"
+    data.write_text('{"prompt": "Hi?", "candidates": ["Hello.", "Go away."]}\n')
+    probe = build_probe("hybrid", 32, [1, 2]).save(tmp_path / "probe.safetensors")
+    args = ["rerank-candidates", "--data", str(data), "--probe", str(probe), "--policy.name_or_path",
+            str(tiny_model_dir), "--output", str(tmp_path / "pairs.jsonl"), *extra]
+    with pytest.raises(SystemExit) as err:
+        main(args)
+    assert err.value.code == 2
+    errors = [x for x in capsys.readouterr().err.splitlines() if "error" in x.lower() or "Traceback" in x]
+    assert len(errors) == 1 and errors[0].startswith("lit-align: error: " + line), errors
+
+
 def test_the_corpus_has_at_least_20_kinds():
     kinds = {c[0] for c in ROW_ERRORS + FILE_ERRORS} | {
         "too_few_rows", "long_prompt", "no_chat_template", "unknown_category", "probe_hidden_size",
