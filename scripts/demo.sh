@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Set up (scripts/setup.sh) and run the embedded demo: align SmolLM2-135M-Instruct on CPU.
-# Extra arguments go to `lit-align demo` (e.g. --grpo true, --workdir runs/demo2).
+# Extra arguments go to `lit-align demo` (e.g. --recipe dpo, --grpo true, --workdir runs/demo2;
+# `lit-align demo --help` lists them).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh

@@ -99,6 +99,12 @@ def test_demo_runs_every_stage_and_resumes(generator_dir, harmbench_split, share
     assert capsys.readouterr().out.count("done already") == 5
     with pytest.raises(ValueError, match=r"DONE.json was made with other settings \(.*recipe.*\); delete"):
         demo(**{**kwargs, "recipe": "dpo"})  # a finished stage of another recipe is not reused
+    # recipe dpo (the ablation's plain arm): no probe stage, sigmoid DPO + NLL without a re-ranker
+    plain = {**kwargs, "workdir": str(tmp_path / "plain"), "recipe": "dpo", "grpo": False, "per_category": None, "max_new_tokens": None}
+    assert "probe" not in demo(**plain) and not (tmp_path / "plain" / "probe").exists()
+    config = yaml.safe_load(next((tmp_path / "plain" / "dpo").rglob("config.yaml")).read_text())
+    assert config["model"]["init_args"]["loss_type"] == "sigmoid" and config["model"]["init_args"]["sft_weight"] == 1.0
+    assert config["data"]["reranker"] is None and config["model"]["init_args"]["probe_path"] is None
 
 
 def check_data(work: Path, result: dict, planted: str, test_csv: Path) -> None:
