@@ -63,6 +63,7 @@ def test_demo_runs_every_stage_and_resumes(generator_dir, harmbench_split, share
     work = tmp_path / "demo"
     kwargs = dict(
         workdir=str(work),
+        recipe="probe_soft",  # the paper's arm, with every stage; the default (dpo) runs below
         base_model=str(generator_dir),
         strongreject_path=str(shared_data / "strongreject_dataset.csv"),
         harmbench_val_path=str(val),
@@ -100,7 +101,8 @@ def test_demo_runs_every_stage_and_resumes(generator_dir, harmbench_split, share
     with pytest.raises(ValueError, match=r"DONE.json was made with other settings \(.*recipe.*\); delete"):
         demo(**{**kwargs, "recipe": "dpo"})  # a finished stage of another recipe is not reused
     # recipe dpo (the ablation's plain arm): no probe stage, sigmoid DPO + NLL without a re-ranker
-    plain = {**kwargs, "workdir": str(tmp_path / "plain"), "recipe": "dpo", "grpo": False, "per_category": None, "max_new_tokens": None}
+    plain = {k: v for k, v in kwargs.items() if k != "recipe"}  # the default recipe
+    plain.update(workdir=str(tmp_path / "plain"), grpo=False, per_category=None, max_new_tokens=None)
     assert "probe" not in demo(**plain) and not (tmp_path / "plain" / "probe").exists()
     config = yaml.safe_load(next((tmp_path / "plain" / "dpo").rglob("config.yaml")).read_text())
     assert config["model"]["init_args"]["loss_type"] == "sigmoid" and config["model"]["init_args"]["sft_weight"] == 1.0

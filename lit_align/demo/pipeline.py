@@ -297,7 +297,7 @@ def run_stage(workdir: Path, name: str, fn: Callable[[], dict], settings: dict) 
 
 def demo(
     workdir: str = "runs/demo",
-    recipe: Literal["probe_soft", "dpo"] = "probe_soft",
+    recipe: Literal["probe_soft", "dpo"] = "dpo",
     grpo: bool = False,
     eval_harmful: int = 80,
     eval_safe: int = 80,
@@ -315,9 +315,10 @@ def demo(
 
     Args:
         workdir: Where every stage writes; a re-run skips stages that finished (with the same settings).
-        recipe: The DPO recipe, an arm of configs/ablate/paper_a.yaml: probe_soft (conservative DPO
-            + NLL with the probe's soft γ per batch, co-trained probe; dpo.yaml + probe_soft.yaml)
-            or dpo (sigmoid DPO + NLL, no probe; dpo.yaml).
+        recipe: The DPO recipe, an arm of configs/ablate/paper_a.yaml: dpo (sigmoid DPO + NLL, no
+            probe; dpo.yaml; the default: the ablation's best arm, docs/experiments.md) or probe_soft
+            (conservative DPO + NLL with the probe's soft γ per batch, co-trained probe; dpo.yaml +
+            probe_soft.yaml).
         grpo: Also build a CoD set, train shadow reward models and run GRPO after DPO (slower).
         eval_harmful: Held-out HarmBench test behaviours (standard) to evaluate on.
         eval_safe: The package's harmless prompts held out for evaluation (the rest train).
