@@ -27,6 +27,7 @@ _EXPORTS: dict[str, str] = {
     "DPOModule": "lit_align.modules.dpo",
     "OnlineDPOModule": "lit_align.modules.online_dpo",
     "AlignModule": "lit_align.modules.base",
+    "PolicyModule": "lit_align.modules.policy",
     "WarmupCosineLR": "lit_align.modules.base",
     "dpo_loss": "lit_align.losses.dpo",
     "HFGenerator": "lit_align.generation",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Callable, Iterable, Optional
 
@@ -11,6 +12,8 @@ import torch.distributed as dist
 from torch.optim.lr_scheduler import LambdaLR
 
 from lit_align.checks import ConfigError, check_range
+
+log = logging.getLogger(__name__)
 
 
 class WarmupCosineLR(LambdaLR):
@@ -59,6 +62,17 @@ class AlignModule(L.LightningModule):
     optimizer: Callable = default_optimizer
     lr_scheduler: Optional[Callable] = None
     sharding_options: dict = {}
+
+    def on_train_end(self) -> None:
+        """Export the trained model to `export_dir` (when set) at the end of fit: rank 0, unsharded
+        runs only (under FSDP2 export the last checkpoint with `lit-align export`)."""
+        export_dir = getattr(self, "export_dir", None)
+        if export_dir is not None and self.trainer.is_global_zero and getattr(self, "_device_mesh", None) is None:
+            log.info("exported %s to %s", type(self).__name__, self.export(export_dir))
+
+    def export(self, out_dir):
+        """Save the trained model as a Hugging Face directory (modules with `export_dir` define it)."""
+        raise NotImplementedError(f"{type(self).__name__} has no export")
 
     def shard_model(self, model: torch.nn.Module) -> torch.nn.Module:
         """Apply FSDP2 to `model` when the strategy provides a device mesh; no-op otherwise.

@@ -25,9 +25,10 @@ from lit_align.data.rerank import DECISION_KEY, PairDecision, ReRanker, check_re
 from lit_align.losses.dpo import DPO_LOSSES, LossType, dpo_loss, sft_loss
 from lit_align.losses.logps import token_logps
 from lit_align.losses.probe import pairwise_margin_loss
-from lit_align.models import PolicyConfig, cache_root, export_hf, load_causal_lm, load_tokenizer, takes_logits_to_keep
-from lit_align.modules.base import AlignModule, default_optimizer
+from lit_align.models import PolicyConfig, cache_root, takes_logits_to_keep
+from lit_align.modules.base import default_optimizer
 from lit_align.modules.packing import packed_sequence_logps, supports_packing
+from lit_align.modules.policy import PolicyModule
 from lit_align.modules.refcache import ReferenceCache
 
 log = logging.getLogger(__name__)
@@ -47,7 +48,7 @@ def check_dpo_numbers(beta, label_smoothing, sft_weight, probe_lr, probe_weight_
     check_range("model.probe_margin", probe_margin, 0)
 
 
-class DPOModule(AlignModule):
+class DPOModule(PolicyModule):
     """Direct Preference Optimisation on AlignDataModule preference batches.
 
     Args:
@@ -109,8 +110,6 @@ class DPOModule(AlignModule):
             raise ConfigError(f"model.loss_type={loss_type!r}: choose one of {tuple(DPO_LOSSES)}")
         if reference not in REFERENCES:
             raise ConfigError(f"model.reference={reference!r}: choose one of {REFERENCES}")
-        if reference == "lora_base" and policy.lora is None:
-            raise ConfigError("model.reference='lora_base' needs model.policy.lora (the base is the reference)")
         if co_train_probe and probe_path is None:
             raise ConfigError("model.co_train_probe needs model.probe_path (the probe file to co-train)")
         check_dpo_numbers(beta, label_smoothing, sft_weight, probe_lr, probe_weight_decay, probe_margin)
@@ -130,38 +129,25 @@ class DPOModule(AlignModule):
                 f"set model.co_train_probe: true or remove {', '.join(unused)}"
             )
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
-        self.policy_config = policy
+        self.init_policy(policy, reference, export_dir, merge_lora, optimizer, lr_scheduler)
         self.loss_type, self.beta, self.label_smoothing = loss_type, beta, label_smoothing
         self.sft_weight = sft_weight
-        self.reference_mode = reference
         self.reference_cache_dir = Path(reference_cache_dir) if reference_cache_dir else cache_root() / "ref_logps"
         self.probe_path, self.co_train_probe = probe_path, co_train_probe
         self.probe_lr = 1e-2 if probe_lr is None else probe_lr
         self.probe_weight_decay = 0.01 if probe_weight_decay is None else probe_weight_decay
         self.probe_margin = 1.0 if probe_margin is None else probe_margin
-        self.export_dir, self.merge_lora = export_dir, merge_lora
         self.packing = packing
-        self.optimizer, self.lr_scheduler = optimizer, lr_scheduler
-        self.tokenizer = load_tokenizer(policy)
-        self.policy = None
-        self.reference = None
         self.probe = None
         self.ref_cache: Optional[ReferenceCache] = None
 
     # ------------------------------------------------------------------ models
-    def configure_model(self) -> None:
-        if self.policy is not None:
-            return
-        self.policy = load_causal_lm(self.policy_config)
-        if self.reference_mode == "copy":
-            self.reference = load_causal_lm(self.policy_config, with_lora=False).eval().requires_grad_(False)
-            self.reference = self.shard_model(self.reference)
+    def configure_extras(self) -> None:
         if self.probe_path is not None:
             from lit_align.probes import load_probe
 
             self.probe = load_probe(self.probe_path, expected_hidden_size=self.policy.config.hidden_size)
             self.probe.requires_grad_(self.co_train_probe)
-        self.policy = self.shard_model(self.policy)
 
     def setup(self, stage: str) -> None:
         if stage == "fit":
@@ -185,10 +171,6 @@ class DPOModule(AlignModule):
             )
 
     # ------------------------------------------------------------------ optimisers
-    def parameter_groups(self) -> list[dict]:
-        """The policy's trainable parameters only: the probe has its own optimiser."""
-        return [{"params": [p for p in self.policy.parameters() if p.requires_grad]}]
-
     def side_optimizers(self) -> dict[str, torch.optim.Optimizer]:
         """The co-trained probe's own Adam (SPEC A2: lr 1e-2, weight decay 0.01), apart from the
         policy's optimiser: no scheduler, no clipping; stepped with every policy step (AlignModule)."""
@@ -237,12 +219,8 @@ class DPOModule(AlignModule):
     def reference_logps(self, batch: dict, split: str) -> tuple[Tensor, Tensor]:
         if self.ref_cache is not None:
             return self.ref_cache.lookup(split, batch["index"], self.device)
-        input_ids, attention_mask, completion_mask = self.concatenated(batch)
-        if self.reference_mode == "lora_base":
-            with self.policy.disable_adapter():
-                logps, _ = self.sequence_logps(self.policy, input_ids, attention_mask, completion_mask)
-        else:
-            logps, _ = self.sequence_logps(self.reference, input_ids, attention_mask, completion_mask)
+        with self.reference_model() as reference:
+            logps, _ = self.sequence_logps(reference, *self.concatenated(batch))
         return logps.chunk(2)
 
     def on_fit_start(self) -> None:
@@ -357,16 +335,6 @@ class DPOModule(AlignModule):
         self.log("eval_loss", loss, prog_bar=True, batch_size=size, sync_dist=True)
         self.log_dict({f"eval_{k}": v for k, v in metrics.items()}, batch_size=size, sync_dist=True)
 
-    # ------------------------------------------------------------------ export
-    def export(self, out_dir: str | Path, merge_lora: Optional[bool] = None) -> Path:
-        """Save the policy as a Hugging Face directory (LoRA merged, or as an adapter)."""
-        merge = self.merge_lora if merge_lora is None else merge_lora
-        return export_hf(self.policy, self.tokenizer, out_dir, merge_lora=merge)
-
-    def on_train_end(self) -> None:
-        if self.export_dir is not None and self.trainer.is_global_zero and getattr(self, "_device_mesh", None) is None:
-            path = self.export(self.export_dir)
-            log.info("exported the policy to %s", path)
 
 
 __all__ = ["DPOModule"]

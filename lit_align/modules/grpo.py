@@ -41,8 +41,9 @@ from lit_align.losses.grpo import (
     nanstd,
     token_logps_and_entropy,
 )
-from lit_align.models import PolicyConfig, export_hf, load_causal_lm, load_tokenizer
-from lit_align.modules.base import AlignModule, default_optimizer
+from lit_align.models import PolicyConfig
+from lit_align.modules.base import default_optimizer
+from lit_align.modules.policy import PolicyModule
 from lit_align.modules.shared_prompt import completion_logits
 from lit_align.rewards import resolve_reward_source, score_completions, unique_names
 from lit_align.sampling import LeanGenerator
@@ -102,7 +103,7 @@ def check_grpo_numbers(args: dict) -> None:
         check_range("model.reward_weights[]", weight, why="a finite weight")
 
 
-class GRPOModule(AlignModule):
+class GRPOModule(PolicyModule):
     """GRPO with any reward sources (shadow reward models, probes, plain functions).
 
     Args:
@@ -196,15 +197,13 @@ class GRPOModule(AlignModule):
             reference = "lora_base" if policy.lora is not None else "copy"
         if reference not in REFERENCES:
             raise ConfigError(f"model.reference={reference!r}: choose one of {REFERENCES}")
-        if reference == "lora_base" and policy.lora is None:
-            raise ConfigError("model.reference='lora_base' needs model.policy.lora (the base is the reference)")
         if generation_backend not in ("lean", "hf"):
             raise ConfigError(f"model.generation_backend={generation_backend!r}: choose 'lean' or 'hf'")
         # reward_funcs may be objects; max_completion_length would clash with the DataModule's
         # hparam of the same name (unused in prompts mode). Pass both again to load_from_checkpoint.
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler", "reward_funcs", "max_completion_length"])
         self.automatic_optimization = False
-        self.policy_config = policy
+        self.init_policy(policy, reference, export_dir, merge_lora, optimizer, lr_scheduler)
         self.reward_funcs = [resolve_reward_source(s) for s in reward_funcs]
         self.reward_names = unique_names(self.reward_funcs)
         weights = [1.0] * len(self.reward_funcs) if reward_weights is None else list(reward_weights)
@@ -219,26 +218,16 @@ class GRPOModule(AlignModule):
         self.use_bias_correction_kl = use_bias_correction_kl
         self.num_iterations, self.steps_per_generation = num_iterations, steps_per_generation
         self.micro_batch_size, self.max_grad_norm = micro_batch_size, max_grad_norm
-        self.reference_mode = reference
         self.generation_backend = generation_backend
         self.generation_seed = generation_seed
         self.log_completions_every_n_steps, self.num_completions_to_log = log_completions_every_n_steps, num_completions_to_log
-        self.export_dir, self.merge_lora = export_dir, merge_lora
-        self.optimizer, self.lr_scheduler = optimizer, lr_scheduler
-        self.tokenizer = load_tokenizer(policy)
-        self.policy = None
-        self.reference = None
         self.generator: Optional[Generator] = None
 
     # ------------------------------------------------------------------ models
-    def configure_model(self) -> None:
-        if self.policy is not None:
-            return
-        self.policy = load_causal_lm(self.policy_config)
-        if self.beta != 0.0 and self.reference_mode == "copy":
-            self.reference = load_causal_lm(self.policy_config, with_lora=False).eval().requires_grad_(False)
-            self.reference = self.shard_model(self.reference)
-        self.policy = self.shard_model(self.policy)
+    def needs_reference_copy(self) -> bool:
+        return self.beta != 0.0 and self.reference_mode == "copy"  # β = 0: no KL term, no reference
+
+    def configure_extras(self) -> None:
         for source in self.reward_funcs:
             if hasattr(source, "bind"):
                 source.bind(self)
@@ -249,9 +238,6 @@ class GRPOModule(AlignModule):
                 source.to(self.device)
 
     on_validation_start = on_fit_start
-
-    def parameter_groups(self) -> list[dict]:
-        return [{"params": [p for p in self.policy.parameters() if p.requires_grad]}]
 
     # ------------------------------------------------------------------ log-probs
     def token_logps(self, model, part: Rollout) -> tuple[Tensor, Tensor]:
@@ -271,11 +257,9 @@ class GRPOModule(AlignModule):
         for micro in self.micro_batches(rollout):
             if which == "old":
                 chunks.append(self.token_logps(self.policy, micro)[0])
-            elif self.reference_mode == "lora_base":
-                with self.policy.disable_adapter():
-                    chunks.append(self.token_logps(self.policy, micro)[0])
             else:
-                chunks.append(self.token_logps(self.reference, micro)[0])
+                with self.reference_model() as reference:
+                    chunks.append(self.token_logps(reference, micro)[0])
         return torch.cat(chunks)
 
     # ------------------------------------------------------------------ rollout
@@ -458,15 +442,6 @@ class GRPOModule(AlignModule):
             lines += ["| " + " | ".join(str(v).replace("|", "\\|").replace("\n", " ") for v in r.values()) + " |" for r in rows]
             experiment.add_text("completions", "\n".join(lines), step)
 
-    # ------------------------------------------------------------------ export
-    def export(self, out_dir: str | Path, merge_lora: Optional[bool] = None) -> Path:
-        """Save the policy as a Hugging Face directory (LoRA merged, or as an adapter)."""
-        merge = self.merge_lora if merge_lora is None else merge_lora
-        return export_hf(self.policy, self.tokenizer, out_dir, merge_lora=merge)
-
-    def on_train_end(self) -> None:
-        if self.export_dir is not None and self.trainer.is_global_zero and getattr(self, "_device_mesh", None) is None:
-            log.info("exported the policy to %s", self.export(self.export_dir))
 
 
 __all__ = ["GRPOModule", "Rollout"]

@@ -300,9 +300,5 @@ class RewardModule(AlignModule):
         score.weight.data.copy_(self.score_head.weight.data.to(score.weight.dtype))
         return seq.to(base.dtype)
 
-    def on_train_end(self) -> None:
-        if self.export_dir is not None and self.trainer.is_global_zero and getattr(self, "_device_mesh", None) is None:
-            log.info("exported the reward model to %s", self.export(self.export_dir))
-
 
 __all__ = ["RewardModule", "PLAIN_CHAT_TEMPLATE", "prepare_tokenizer", "resolve_backbone"]
