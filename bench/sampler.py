@@ -3,7 +3,8 @@
     python -m bench.sampler                        # SmolLM2-135M-Instruct, 32 one-shot CoD prompts, 96 new tokens
     python -m bench.sampler --quick                # the tiny test model, 1 repeat: seconds (CI)
     python -m bench.sampler --variants before,lean --repeats 5 --threads 2
-    python -m bench.sampler --profile lean         # torch.profiler tables (prefill, decode loop) of one sampled run
+    python -m bench.sampler --profile lean         # torch.profiler tables (prefill, decode loop) of one sampled run,
+                                                   # saved as bench/results/sampler_profile_lean.json
 
 Workload: the demo's CoD prompt (`cod_messages(p, one_shot=True)`, the chat template applied) for
 the first 32 harmful prompts of refusal_direction/harmful_train.json, left-padded in one batch,
@@ -320,7 +321,8 @@ def profile(name: str, variant: str, quick: bool) -> None:
         prefill_cpu = time.process_time() - cpu
     cpu = time.process_time()
     run_once(fn, model, ids, mask, "sample", tokenizer)
-    print(f"unprofiled CPU seconds: prefill {prefill_cpu:.2f}, whole run {time.process_time() - cpu:.2f}")
+    unprofiled = {"prefill_cpu_s": prefill_cpu, "whole_run_cpu_s": time.process_time() - cpu}
+    print(f"unprofiled CPU seconds: prefill {prefill_cpu:.2f}, whole run {unprofiled['whole_run_cpu_s']:.2f}")
     with torch_profile() as pre, torch.no_grad():
         prefill(model, ids, mask.long(), DynamicCache(config=model.config), MIN_SHARED_PREFIX)
     with torch_profile() as whole:
@@ -329,8 +331,11 @@ def profile(name: str, variant: str, quick: bool) -> None:
     decode = [(e.self_cpu_time_total - prefill_us.get(e.key, 0), e.key, e.count) for e in whole.key_averages()]
     total, prefill_total = sum(d for d, _, _ in decode), sum(prefill_us.values())
     print(f"prefill: {prefill_total / 1e6:.2f} s self CPU; decode loop: {total / 1e6:.2f} s")
-    for us, key, count in sorted(decode, reverse=True)[:20]:
-        print(f"  {key:55s} {us / 1e6:8.2f} s {100 * us / total:5.1f} %  {count} calls")
+    rows = [{"op": key, "decode self CPU s": us / 1e6, "% of decode": 100 * us / total, "calls (whole run)": count}
+            for us, key, count in sorted(decode, reverse=True)[:25]]
+    harness.report(f"sampler_profile_{variant}" + ("_quick" if quick else ""),
+                   {"variant": variant, "unprofiled": unprofiled, "prefill_self_cpu_s": prefill_total / 1e6,
+                    "decode_self_cpu_s": total / 1e6, "top_decode_ops": rows}, rows, list(rows[0]))
 
 
 def main() -> None:
