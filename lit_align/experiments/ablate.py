@@ -157,19 +157,25 @@ def evaluation_kwargs(evaluation: dict, values: dict[str, str], base_model: str)
     return kwargs
 
 
-def check_arms(arms: list[ArmConfig], seeds: list[int], baseline: Optional[str]) -> None:
+def check_names(names: list[str], label: str, plural: str) -> None:
+    """Names that become directory names: unique, letters, digits, '-' and '_' only."""
     import re
 
+    if len(set(names)) != len(names):
+        raise ValueError(f"ablate: {plural} {names} repeat")
+    for name in names:
+        if not re.fullmatch(r"[A-Za-z0-9_-]+", name):
+            raise ValueError(f"ablate: {label} {name!r}: use letters, digits, '-' and '_' only")
+
+
+def check_arms(arms: list[ArmConfig], seeds: list[int], baseline: Optional[str]) -> None:
     if not arms:
         raise ValueError("ablate: `arms` is empty")
     if not seeds or len(set(seeds)) != len(seeds):
         raise ValueError(f"ablate: seeds={seeds} must be a non-empty list without repeats")
     names = [a.name for a in arms]
-    if len(set(names)) != len(names):
-        raise ValueError(f"ablate: arm names {names} repeat")
+    check_names(names, "arm name", "arm names")
     for arm in arms:
-        if not re.fullmatch(r"[A-Za-z0-9_-]+", arm.name):
-            raise ValueError(f"ablate: arm name {arm.name!r}: use letters, digits, '-' and '_' only")
         if arm.config is not None and not Path(arm.config).is_file():
             raise FileNotFoundError(f"ablate: arm {arm.name!r}: config {arm.config} does not exist")
         if arm.config is None and arm.overrides:

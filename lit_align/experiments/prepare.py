@@ -56,12 +56,10 @@ class PrepareStep:
 def check_steps(steps: list[PrepareStep]) -> None:
     from lit_align.cli import COMMANDS, TRAINER_SUBCOMMANDS
 
-    names = [s.name for s in steps]
-    if len(set(names)) != len(names):
-        raise ValueError(f"ablate: prepare step names {names} repeat")
+    from lit_align.experiments.ablate import check_names
+
+    check_names([s.name for s in steps], "prepare step", "prepare step names")
     for step in steps:
-        if not re.fullmatch(r"[A-Za-z0-9_-]+", step.name):
-            raise ValueError(f"ablate: prepare step {step.name!r}: use letters, digits, '-' and '_' only")
         if step.command not in COMMANDS and step.command not in TRAINER_SUBCOMMANDS:
             raise ValueError(f"ablate: prepare step {step.name!r}: unknown command {step.command!r} "
                              f"(choose one of {[*TRAINER_SUBCOMMANDS, *COMMANDS]})")
