@@ -175,7 +175,8 @@ def test_evaluate_rejects_bad_arguments(tiny_model_dir, tmp_path):
 
 
 def test_interrupted_generation_resumes_from_cache(tiny_model_dir, shared_data, tmp_path):
-    from lit_align.eval.evaluate import _fingerprint, _generate, load_for_eval
+    from lit_align.eval.evaluate import load_for_eval
+    from lit_align.eval.generations import _fingerprint, _generate
     from lit_align.eval.prompts import PromptSetConfig, load_prompt_set
     from lit_align.generation import SamplingConfig
     from lit_align.sampling import LeanGenerator

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from lit_align.eval.metrics import estimate
+from lit_align.eval.sets import select_sets
 
 
 @dataclass
@@ -43,20 +44,7 @@ def check_config(cfg: DriftConfig, rows_by_set: dict[str, list[dict]], models: l
             "drift compares models with a reference model, and the only model is the reference: "
             "add a model to `models` or name another drift.reference"
         )
-    safe = [s for s, rows in rows_by_set.items() if any(not r["harmful"] for r in rows)]
-    if cfg.sets is None:
-        if not safe:
-            raise ValueError(
-                f"drift: no prompt set has safe prompts ({sorted(rows_by_set)}); add one "
-                "(e.g. {preset: xstest, path: ...}) or drop `drift`"
-            )
-        return safe
-    for s in cfg.sets:
-        if s not in rows_by_set:
-            raise ValueError(f"drift.sets: no prompt set named {s!r}; the sets are {sorted(rows_by_set)}")
-        if s not in safe:
-            raise ValueError(f"drift.sets: {s!r} has no safe prompts; the sets with safe prompts are {safe}")
-    return list(dict.fromkeys(cfg.sets))
+    return select_sets("drift", cfg.sets, rows_by_set, harmful=False, example="xstest")
 
 
 # ---------------------------------------------------------------------------- math

@@ -14,25 +14,22 @@ from __future__ import annotations
 
 import dataclasses
 import gc
-import hashlib
-import json
 import logging
 import pickle
-import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
-from tqdm.auto import tqdm
 
 from lit_align.eval.judges import DEFAULT_JUDGE_PROMPT, Judge, LLMJudge, ProbeJudge, RefusalPhraseJudge, RewardJudge
 from lit_align.eval.drift import Drift, DriftConfig
+from lit_align.eval.generations import Generations
 from lit_align.eval.metrics import summarize, to_jsonable
 from lit_align.eval.prefill import PrefillAttack, PrefillConfig
 from lit_align.eval.prompts import PromptSetConfig, load_prompt_set
 from lit_align.eval.report import write_report
-from lit_align.generation import Generator, SamplingConfig
+from lit_align.generation import SamplingConfig
 from lit_align.sampling import LeanGenerator
 from lit_align.models import LoraArgs, PolicyConfig, load_causal_lm, load_tokenizer
 
@@ -128,106 +125,6 @@ def _device(device: str) -> str:
     return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
 
 
-# ---------------------------------------------------------------------------- generation cache
-CACHE_FORMAT = 2  # 2: the completions' token ids are stored too (prefill prefixes, drift answers)
-
-
-def weights_fingerprint(spec: str, dtype: str = "float32") -> str:
-    """The content fingerprint of the evaluated weights, as `lit_align.modules.refcache` takes it:
-    a model directory, alias or downloaded hub id through `model_fingerprint` (every file, a
-    strided sample of every safetensors tensor), a `.ckpt` file through `file_sample`. Weights
-    re-saved into the same place get a new fingerprint; a re-save of the same weights keeps it.
-    (A `.ckpt` holding only a LoRA adapter is keyed by the adapter, not by its base model.)
-    A hub id not downloaded yet is keyed by its name."""
-    from lit_align.modules.refcache import file_sample, model_fingerprint
-
-    path = Path(spec)
-    if path.is_file():
-        digest = hashlib.sha256(f"{path.name}:{path.stat().st_size}:{dtype}".encode())
-        file_sample(path, digest)
-        return digest.hexdigest()[:16]
-    try:
-        return model_fingerprint(PolicyConfig(name_or_path=spec, dtype=dtype))
-    except FileNotFoundError:
-        return f"{spec}:{dtype}"
-
-
-def _fingerprint(
-    spec: str, rows: list[dict], sampling: SamplingConfig, seed: int, batch_size: int, sampler: str, extra=None,
-    weights: str = "",
-) -> str:  # fmt: skip
-    h = hashlib.sha256(json.dumps([spec, weights, dataclasses.asdict(sampling), seed, batch_size, sampler, CACHE_FORMAT, extra]).encode())
-    h.update(json.dumps([r["prompt"] for r in rows]).encode())
-    return h.hexdigest()[:24]
-
-
-def _generate(
-    generator: Generator, rows, sampling, batch_size, seed, progress, desc, cache: Path, key: str,
-    encode: Optional[Callable] = None,
-) -> dict:
-    """{"responses", "length_tokens", "truncated", "token_ids"} for `rows`, resumed from `cache`
-    when its key matches.
-
-    Same batching and seeding as `Generator.generate` (batch i uses seed + i); the cache is
-    rewritten after every batch, so an interrupted run continues where it stopped. Lengths and
-    token ids cover the generated tokens up to and including the first EOS. `encode(generator,
-    rows)` gives a batch's prompt ids (default: the chat-rendered prompts)."""
-    out = {"fingerprint": key, "responses": [], "length_tokens": [], "truncated": [], "token_ids": []}
-    if cache.is_file():
-        stored = json.loads(cache.read_text())
-        if stored.get("fingerprint") == key:
-            out = stored
-    starts = range(0, len(rows), batch_size)
-    done_batches = len(out["responses"]) // batch_size
-    if done_batches:
-        log.info("%s: reusing %d cached responses from %s", desc, len(out["responses"]), cache)
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    todo = starts[done_batches:] if len(out["responses"]) < len(rows) else []
-    bar = tqdm(todo, desc=desc, disable=not progress, initial=done_batches, total=len(starts))
-    for i, start in enumerate(bar, start=done_batches):
-        chunk = rows[start : start + batch_size]
-        ids, mask = encode(generator, chunk) if encode else generator.encode_prompts([r["prompt"] for r in chunk])
-        batch = generator.generate_ids(ids, mask, sampling, 1, None if seed is None else seed + i)
-        out["responses"] += batch.texts
-        out["length_tokens"] += batch.completion_mask.sum(1).tolist()
-        out["truncated"] += batch.truncated.tolist()
-        out["token_ids"] += [c[: int(m.sum())].tolist() for c, m in zip(batch.completion_ids, batch.completion_mask)]
-        tmp = cache.with_suffix(".tmp")
-        tmp.write_text(json.dumps(out))
-        tmp.replace(cache)
-    return out
-
-
-@dataclass
-class Generations:
-    """Cached generations of one run: `out_dir/generations/<model>__<set><suffix>.json`."""
-
-    out: Path
-    sampling: SamplingConfig
-    batch_size: int
-    seed: int
-    progress: bool
-    dtype: str = "float32"
-    weights: dict = dataclasses.field(default_factory=dict)
-    """spec -> `weights_fingerprint`, taken once per run."""
-
-    def __call__(self, generator, spec, label, set_name, rows, suffix="", extra=None, encode=None, sampling=None):
-        """(generation, cache path) of `rows` (see `_generate`)."""
-        sampling = sampling or self.sampling
-        if spec not in self.weights:
-            self.weights[spec] = weights_fingerprint(spec, self.dtype)
-        key = _fingerprint(spec, rows, sampling, self.seed, self.batch_size, type(generator).__name__, extra, self.weights[spec])
-        cache = self.out / "generations" / f"{_safe(label)}__{_safe(set_name)}{suffix}.json"
-        desc = f"{label} / {set_name}{suffix}"
-        return _generate(generator, rows, sampling, self.batch_size, self.seed, self.progress, desc, cache, key, encode), cache
-
-    def greedy(self, generator, spec, label, set_name, rows):
-        """Greedy answers of the run's length: the main generation itself (same cache) when that is greedy."""
-        greedy = SamplingConfig(max_new_tokens=self.sampling.max_new_tokens, temperature=0.0)
-        suffix = "" if greedy == self.sampling else "__greedy"
-        return self(generator, spec, label, set_name, rows, suffix=suffix, sampling=greedy)
-
-
 # ---------------------------------------------------------------------------- judging
 def judge_records(judges: list[Judge], records: list[dict]) -> None:
     """Add every judge's verdicts to `records` (in place)."""
@@ -309,6 +206,26 @@ def evaluate(
         confidence_level: Level of the intervals.
         progress: Show progress bars.
     """
+    names = check_arguments(models, prompt_sets, names)
+    device = _device(device)
+    out = Path(out_dir)
+    rows_by_set = {p.label: load_prompt_set(p) for p in prompt_sets}
+    drifter = Drift(drift, rows_by_set, models) if drift is not None else None
+    static = build_static_judges(judges, dtype, device)
+    attack = PrefillAttack(prefill, prompt_sets, rows_by_set, models, static) if prefill is not None else None
+    gens = Generations(out, sampling, batch_size, seed, progress, dtype)
+    records = _run_models(models, names, gens, rows_by_set, static, judges, attack, drifter, dtype, device)
+    metrics = run_metrics(records, rows_by_set, attack, drifter, num_resamples=num_resamples, level=confidence_level, seed=seed)
+    meta = run_meta(dict(zip(names, models)), prompt_sets, rows_by_set, static, judges, attack, drifter,
+                    sampling=dataclasses.asdict(sampling), batch_size=batch_size, seed=seed)  # fmt: skip
+    paths = write_report(out, metrics, records, meta, prefill_records=attack.records if attack else None)
+    log.info("report written to %s", paths["markdown"])
+    print(f"lit-align evaluate: report in {paths['markdown']}")
+    return to_jsonable(metrics)
+
+
+def check_arguments(models: list[str], prompt_sets: list[PromptSetConfig], names: Optional[list[str]]) -> list[str]:
+    """The models' report names (given or from their paths), after refusing empty or repeated inputs."""
     if not models:
         raise ValueError("evaluate: `models` is empty; name at least one model")
     if not prompt_sets:
@@ -319,23 +236,11 @@ def evaluate(
     labels = [p.label for p in prompt_sets]
     if len(set(labels)) != len(labels):
         raise ValueError(f"evaluate: prompt set names {labels} repeat; give each a `name`")
-    device = _device(device)
-    out = Path(out_dir)
-    rows_by_set = {p.label: load_prompt_set(p) for p in prompt_sets}
-    drifter = Drift(drift, rows_by_set, models) if drift is not None else None
-    static = build_static_judges(judges, dtype, device)
-    attack = PrefillAttack(prefill, prompt_sets, rows_by_set, models, static) if prefill is not None else None
-    gens = Generations(out, sampling, batch_size, seed, progress, dtype)
+    return names
 
-    records: dict[str, list[dict]] = {}
-    for spec, name in _schedule(models, names, [attack and attack.source, drifter and drifter.reference]):
-        recs = _run_model(spec, name, gens, rows_by_set, static, judges, attack, drifter, dtype, device)
-        if name is not None:
-            records[name] = recs
-        gc.collect()
 
-    records = {n: records[n] for n in names}
-    kw = dict(num_resamples=num_resamples, level=confidence_level, seed=seed)
+def run_metrics(records: dict[str, list[dict]], rows_by_set: dict, attack, drifter, **kw) -> dict:
+    """{model: {set: metrics}}: the judged records' summaries, with the prefill and drift parts added."""
     metrics = {
         name: {s: summarize([r for r in recs if r["set"] == s], **kw) for s in rows_by_set}
         for name, recs in records.items()
@@ -344,24 +249,36 @@ def evaluate(
         for m, by_set in (source.metrics(**kw) if source is not None else {}).items():
             for s, value in by_set.items():
                 metrics[m][s][part] = value
+    return metrics
+
+
+def run_meta(models: dict, prompt_sets, rows_by_set, static, judges: JudgesConfig, attack, drifter, **settings) -> dict:
+    """The report's description of the run: models, prompt sets, `settings`, judges, prefill and drift sources."""
     meta = {
-        "models": dict(zip(names, models)),
+        "models": models,
         "prompt_sets": {p.label: f"{p.preset}: {p.path} (n={len(rows_by_set[p.label])})" for p in prompt_sets},
-        "sampling": dataclasses.asdict(sampling),
-        "batch_size": batch_size,
-        "seed": seed,
+        **settings,
         "judges": [j.name for j in static] + (["probe"] if judges.probe and not judges.probe_backbone else []),
     }
     if attack is not None:
+        prefill = attack.cfg
         meta["prefill"] = {**dataclasses.asdict(prefill), "answers": prefill.answers_file or f"greedy answers of {attack.source}"}
         if attack.skipped_file:
             meta["prefill"]["answers_file_rows_skipped"] = dict(attack.skipped_file)
     if drifter is not None:
         meta["drift"] = {"reference": drifter.reference, "sets": drifter.sets}
-    paths = write_report(out, metrics, records, meta, prefill_records=attack.records if attack else None)
-    log.info("report written to %s", paths["markdown"])
-    print(f"lit-align evaluate: report in {paths['markdown']}")
-    return to_jsonable(metrics)
+    return meta
+
+
+def _run_models(models, names, gens: Generations, rows_by_set, static, judges, attack, drifter, dtype, device) -> dict:
+    """{name: judged records} of every evaluated model, in `names` order; each model is loaded once."""
+    records = {}
+    for spec, name in _schedule(models, names, [attack and attack.source, drifter and drifter.reference]):
+        recs = _run_model(spec, name, gens, rows_by_set, static, judges, attack, drifter, dtype, device)
+        if name is not None:
+            records[name] = recs
+        gc.collect()
+    return {n: records[n] for n in names}
 
 
 def _schedule(models: list[str], names: list[str], references: list) -> list[tuple[str, Optional[str]]]:
@@ -423,7 +340,3 @@ def _responses(gens: Generations, generator, spec: str, name: str, rows_by_set: 
         judge_records(judges, recs)
         records += recs
     return records
-
-
-def _safe(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)

@@ -30,6 +30,7 @@ import torch
 
 from lit_align.eval.metrics import estimate
 from lit_align.eval.prompts import PromptSetConfig, load_prompt_set
+from lit_align.eval.sets import select_sets
 
 log = logging.getLogger(__name__)
 
@@ -72,20 +73,7 @@ def check_config(cfg: PrefillConfig, rows_by_set: dict[str, list[dict]], models:
         raise ValueError("prefill: set answers_file or answers_from, not both")
     if cfg.answers_file and not Path(cfg.answers_file).is_file():
         raise FileNotFoundError(f"prefill.answers_file {cfg.answers_file} does not exist")
-    harmful = [s for s, rows in rows_by_set.items() if any(r["harmful"] for r in rows)]
-    if cfg.sets is None:
-        if not harmful:
-            raise ValueError(
-                f"prefill: no prompt set has harmful prompts ({sorted(rows_by_set)}); add one "
-                "(e.g. {preset: harmbench, path: ...}) or drop `prefill`"
-            )
-        return harmful
-    for s in cfg.sets:
-        if s not in rows_by_set:
-            raise ValueError(f"prefill.sets: no prompt set named {s!r}; the sets are {sorted(rows_by_set)}")
-        if s not in harmful:
-            raise ValueError(f"prefill.sets: {s!r} has no harmful prompts to attack; the harmful sets are {harmful}")
-    return list(dict.fromkeys(cfg.sets))
+    return select_sets("prefill", cfg.sets, rows_by_set, harmful=True, example="harmbench")
 
 
 # ---------------------------------------------------------------------------- answers
@@ -128,7 +116,7 @@ def read_answers_file(
 
 
 def answers_from_generation(gen: dict, rows: list[dict], where: str) -> dict[str, Answer]:
-    """{prompt id: Answer} from a cached generation (`_generate`'s dict) of `rows`."""
+    """{prompt id: Answer} from a cached generation (`lit_align.eval.generations._generate`'s dict) of `rows`."""
     return {
         r["id"]: Answer(text, ids, f"{where} prompt {r['id']}")
         for r, text, ids in zip(rows, gen["responses"], gen["token_ids"])
@@ -244,7 +232,7 @@ class PrefillAttack:
 
     def attack(self, name: str, tokenizer, main_records: list[dict], generate: Callable, judge: Callable) -> None:
         """Generate and judge every k for one model. `generate(set, rows, suffix, extra, encode)` is the
-        cached generation of `lit_align.eval.evaluate`; `judge(records)` adds verdicts in place."""
+        cached generation of `lit_align.eval.generations`; `judge(records)` adds verdicts in place."""
         max_k = max(self.cfg.ks)
         self.results[name], self.records[name] = {}, []
         same = self.source_vocab is not None and tokenizer.get_vocab() == self.source_vocab
