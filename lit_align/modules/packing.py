@@ -58,6 +58,13 @@ class Packing:
         out[self.src] = values.reshape(-1, *rest)[self.dst]
         return out.view(*self.padded_shape, *rest)
 
+    @classmethod
+    def from_pieces(cls, src: list[Tensor], dst: list[Tensor], padded_shape, packed_shape, position_ids: Tensor, device,
+                    attention_mask: Optional[Tensor] = None) -> "Packing":  # fmt: skip
+        """The plan from its per-sequence index pieces (built on the CPU), moved to `device`."""
+        src_t, dst_t = torch.cat(src).to(device), torch.cat(dst).to(device)
+        return cls(src_t, dst_t, padded_shape, packed_shape, position_ids.to(device), attention_mask)
+
     def packed_index(self) -> Tensor:
         """[N * T]: the flat packed position of each padded token (i, t) at i * T + t; -1 for padding."""
         out = torch.full((self.padded_shape[0] * self.padded_shape[1],), -1, dtype=torch.long, device=self.src.device)
@@ -88,14 +95,7 @@ def plan_packing(attention_mask: Tensor) -> Packing:
         src.append(torch.arange(lengths[i]) + i * width)
         dst.append(torch.arange(lengths[i]) + row * width + offset)
         positions[row, offset : offset + lengths[i]] = torch.arange(lengths[i])
-    device = attention_mask.device
-    return Packing(
-        src=torch.cat(src).to(device),
-        dst=torch.cat(dst).to(device),
-        padded_shape=(n, width),
-        packed_shape=(rows, width),
-        position_ids=positions.to(device),
-    )
+    return Packing.from_pieces(src, dst, (n, width), (rows, width), positions, attention_mask.device)
 
 
 SEGMENT_PAD, SEGMENT_PROMPT, SEGMENT_CHOSEN, SEGMENT_REJECTED = 0, 1, 2, 3
@@ -137,14 +137,7 @@ def plan_shared_prompt(
     mask = mask[:, None].to(device)
     if attn_implementation == "eager":  # eager attention adds the mask to its scores
         mask = torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill(~mask, torch.finfo(dtype).min)
-    return Packing(
-        src=torch.cat(src).to(device),
-        dst=torch.cat(dst).to(device),
-        padded_shape=(n, width),
-        packed_shape=(b, row_width),
-        position_ids=position_ids.to(device),
-        attention_mask=mask,
-    )
+    return Packing.from_pieces(src, dst, (n, width), (b, row_width), position_ids, device, attention_mask=mask)
 
 
 class UnpackedHiddenStates(Sequence):
