@@ -292,6 +292,19 @@ def test_ablate_refuses_unfair_or_broken_set_ups_before_training(small_inputs, m
     assert not (small_inputs / "out" / "arms").exists()
 
 
+def test_a_stored_run_is_reused_only_with_the_same_settings_and_prepared_data(tmp_path):
+    from lit_align.experiments.ablate import check_stored
+
+    argv, ctx, what = ["fit", "-c", "a.yaml"], {"prepared": "p1"}, "was trained with other settings"
+    check_stored({"argv": argv, "prepared": "p1"}, argv, ctx, tmp_path, what)  # the same run: reused
+    check_stored({"argv": None}, None, ctx, tmp_path, what)  # the untrained arm read no prepared data
+    with pytest.raises(ValueError, match=rf"{tmp_path} was trained with other settings \(\['fit', '-c', 'b.yaml'\]\); "
+                       rf"delete {tmp_path} to re-run it, or restore the settings"):  # fmt: skip
+        check_stored({"argv": ["fit", "-c", "b.yaml"], "prepared": "p1"}, argv, ctx, tmp_path, what)
+    with pytest.raises(ValueError, match="trained on other prepared data or reward models"):
+        check_stored({"argv": argv, "prepared": "p0"}, argv, ctx, tmp_path, what)
+
+
 def test_paper_a_arms_parse_as_the_issue_describes(monkeypatch, capsys):
     """Each arm of configs/ablate/paper_a.yaml is a valid `lit-align fit` configuration of the method it names."""
     from lit_align.lightning_cli import run_lightning_cli

@@ -29,7 +29,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from string import Template
-from typing import Optional
+from typing import Callable, Optional
 
 from lit_align.experiments.costs import load_average
 from lit_align.experiments.prepare import PrepareStep
@@ -234,11 +234,17 @@ def prepared(ctx: dict) -> dict:
     return {"prepared": ctx["prepared"]} if ctx.get("prepared") else {}
 
 
-def check_prepared(record: dict, ctx: dict, run_dir: Path) -> None:
+def check_stored(record: dict, argv: Optional[list[str]], ctx: dict, run_dir: Path, what: str) -> None:
+    """Refuse a stored record (`trained.json`, `DONE.json`) of a run trained on other prepared data
+    or reward models, or with other settings than `argv` (`what` says which record it is)."""
     if record.get("argv") is not None and record.get("prepared") != ctx.get("prepared"):
         raise ValueError(
             f"ablate: {run_dir} was trained on other prepared data or reward models (the prepare steps' outputs "
             f"changed since); delete {run_dir} to re-run it"
+        )
+    if record.get("argv") != argv:
+        raise ValueError(
+            f"ablate: {run_dir} {what} ({record.get('argv')}); delete {run_dir} to re-run it, or restore the settings"
         )
 
 
@@ -254,12 +260,7 @@ def run_arm(arm: ArmConfig, seed: int, ctx: dict) -> dict:
         argv = ["fit", "-c", arm.config, *arm_overrides(arm, values), *shared_overrides(ctx["inputs"], seed, ctx["max_steps"], run_dir)]
     if done.is_file():
         record = json.loads(done.read_text())
-        check_prepared(record, ctx, run_dir)
-        if record.get("argv") != argv:
-            raise ValueError(
-                f"ablate: {run_dir} finished with other training settings ({record.get('argv')}); "
-                f"delete {run_dir} to re-run it, or restore the settings"
-            )
+        check_stored(record, argv, ctx, run_dir, "finished with other training settings")
         if record.get("evaluation") == ctx["eval_fingerprint"]:
             print(f"[ablate] {arm.name} seed {seed}: done already ({done}), skipping")
             return record
@@ -267,12 +268,7 @@ def run_arm(arm: ArmConfig, seed: int, ctx: dict) -> dict:
     record = {"arm": arm.name, "seed": seed, "argv": argv, "train": None}
     if argv is not None and trained.is_file():
         stored = json.loads(trained.read_text())
-        check_prepared(stored, ctx, run_dir)
-        if stored.get("argv") != argv:
-            raise ValueError(
-                f"ablate: {run_dir} was trained with other settings ({stored.get('argv')}); "
-                f"delete {run_dir} to re-run it, or restore the settings"
-            )
+        check_stored(stored, argv, ctx, run_dir, "was trained with other settings")
         record["train"] = stored["costs"]
     elif argv is not None:
         if run_dir.exists():  # a run that stopped part-way: start it over
@@ -333,19 +329,11 @@ def ablate(
         prepare: Commands run once, in order, before the arms (e.g. build-cod, train-shadow: the data
             and reward models the arms read); each skipped when done (lit_align.experiments.prepare).
     """
-    from lit_align.experiments.prepare import check_steps, prepared_fingerprint, run_steps
+    from lit_align.experiments.prepare import prepared_fingerprint, run_steps
 
     seeds = [0] if seeds is None else list(seeds)
     prepare = list(prepare or [])
-    check_arms(arms, seeds, baseline)
-    check_steps(prepare)
-    values = _placeholders(inputs)
-    eval_kwargs = evaluation_kwargs(evaluation, values, inputs.base_model)
-    if any(a.config is not None for a in arms) and not inputs.data:
-        raise ValueError("ablate: inputs.data is empty; name the training data every trained arm reads")
-    for arm in arms:  # every placeholder resolves before anything runs
-        if arm.config is not None:
-            arm_overrides(arm, {**values, "seed": "0", "run_dir": "."})
+    values, eval_kwargs = check_setup(arms, inputs, evaluation, seeds, baseline, prepare)
     out = Path(out_dir)
     if held_out_check and not prepare:
         check_held_out(inputs, eval_kwargs["prompt_sets"])
@@ -358,15 +346,42 @@ def ablate(
         "evaluation": eval_kwargs, "eval_fingerprint": fingerprint(evaluation),
         "prepared": prepared_fingerprint(prepared_records),
     }
+    paths = run_rounds(arms, seeds, ctx, lambda runs: summarize(
+        out, runs, judge, baseline, arms, max_steps, eval_kwargs, by_category, prepared_records
+    ))  # fmt: skip
+    print(f"lit-align ablate: table in {paths['markdown']}")
+    return json.loads(paths["json"].read_text())
+
+
+def check_setup(
+    arms: list[ArmConfig], inputs: AblationInputs, evaluation: dict, seeds: list[int], baseline: Optional[str], prepare: list
+) -> tuple[dict[str, str], dict]:
+    """Refuse every setting that cannot run before anything does; (placeholder values, evaluate's keyword arguments)."""
+    from lit_align.experiments.prepare import check_steps
+
+    check_arms(arms, seeds, baseline)
+    check_steps(prepare)
+    values = _placeholders(inputs)
+    eval_kwargs = evaluation_kwargs(evaluation, values, inputs.base_model)
+    if any(a.config is not None for a in arms) and not inputs.data:
+        raise ValueError("ablate: inputs.data is empty; name the training data every trained arm reads")
+    for arm in arms:  # every placeholder resolves before anything runs
+        if arm.config is not None:
+            arm_overrides(arm, {**values, "seed": "0", "run_dir": "."})
+    return values, eval_kwargs
+
+
+def run_rounds(arms: list[ArmConfig], seeds: list[int], ctx: dict, write: Callable[[dict], dict]) -> dict:
+    """Every arm × seed, seed-major (after each round every arm has a comparable row), `write`-ing
+    the table after each round; the paths of the last one."""
     runs: dict[str, list[dict]] = {a.name: [] for a in arms}
     paths = {}
-    for i, seed in enumerate(seeds):  # seed-major: after each round every arm has a comparable row
+    for i, seed in enumerate(seeds):
         for arm in arms:
             if i < (arm.num_seeds or len(seeds)):
                 runs[arm.name].append(run_arm(arm, seed, ctx))
-        paths = summarize(out, runs, judge, baseline, arms, max_steps, eval_kwargs, by_category, prepared_records)
-    print(f"lit-align ablate: table in {paths['markdown']}")
-    return json.loads(paths["json"].read_text())
+        paths = write(runs)
+    return paths
 
 
 def summarize(
