@@ -192,27 +192,81 @@ def train_one(
     return entry
 
 
+def check_options(pooled: bool, train_classifier: Optional[bool], compare_with: Optional[str]) -> None:
+    """Refuse the option combinations that would do nothing."""
+    if compare_with is not None and not pooled:
+        raise ValueError("train-shadow: compare_with sets a pooled model beside shadow models; set pooled: true")
+    if pooled and train_classifier:
+        raise ValueError("train-shadow: pooled: true trains one model that nothing routes to; set train_classifier: false")
+
+
+def read_categories(data_path: Path, out: Path, categories: Optional[list[str]]) -> tuple[dict[str, Path], list[str]]:
+    """`data` split into one JSONL per category under `<out>/data`, and the categories to train."""
+    if not data_path.is_file():
+        raise FileNotFoundError(f"shadow training data {data_path} does not exist (run lit-align build-cod first)")
+    per_category = split_by_category(data_path, out / "data")
+    chosen = categories or sorted(per_category)
+    missing = [c for c in chosen if c not in per_category]
+    if missing:
+        raise ValueError(f"{data_path} has no pairs for categories {missing} (it has {sorted(per_category)})")
+    return per_category, chosen
+
+
+def new_manifest(data_path: Path, backbone: PolicyConfig, head: str, pooled: bool, training: dict, splits: dict) -> dict:
+    """The manifest before any model is trained: what is trained, how, and on which split."""
+    return {
+        "format": MANIFEST_FORMAT, "version": MANIFEST_VERSION,
+        "strategy": "one model on every category's pairs (pooled)" if pooled else "one model per category, sequential runs",
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "data": str(data_path.resolve()),
+        "backbone": asdict(backbone), "head": head, "categories": {}, "pooled": pooled,
+        "training": training, "splits": splits,
+    }
+
+
+def train_models(manifest: dict, out: Path, backbone: PolicyConfig, max_prompt_length: int, max_completion_length: int,
+                 accelerator: str) -> None:
+    """Train the models the manifest describes (one per category, or one pooled) in turn, entering each when done."""
+    t = manifest["training"]
+    runs = {"pooled": ("data/train.jsonl", "data/heldout.jsonl")} if manifest["pooled"] else {
+        c: (s["train"], s["heldout"]) for c, s in manifest["splits"].items()}
+    for name, (train_file, heldout_file) in runs.items():
+        heldout = out / heldout_file
+        log.info("shadow model %s: training on %s", name, out / train_file)
+        manifest["categories"][name] = train_one(
+            name, out / train_file, heldout if heldout.read_text().strip() else None, out, backbone, manifest["head"],
+            t["margin"], t["center_rewards_coefficient"], t["lr"], t["weight_decay"], t["max_steps"], t["batch_size"],
+            max_prompt_length, max_completion_length, accelerator, t["seed"])
+        write_manifest(out, manifest)  # a crash later still leaves the finished models usable
+
+
+def fit_classifier(per_category: dict[str, Path], chosen: list[str], out: Path, seed: int) -> str:
+    """Fit the prompt -> category classifier on the chosen categories' prompts; its file name."""
+    from lit_align.srmir.classifier import PromptCategoryClassifier
+
+    rows = [r for c in chosen for r in read_jsonl(per_category[c])]
+    clf = PromptCategoryClassifier(chosen).fit([r["prompt"] for r in rows], [r["category"] for r in rows], seed=seed)
+    clf.save(out / "category_classifier.pt")
+    return "category_classifier.pt"
+
+
+def report_accuracy(manifest: dict, out: Path, compare_with: Optional[str]) -> None:
+    """Log each model's held-out accuracy; write the accuracy table when any pairs were held out."""
+    from lit_align.srmir.accuracy import heldout_accuracy
+
+    for name, entry in manifest["categories"].items():
+        log.info("%s: held-out pairwise accuracy %s on %d pairs", name, entry.get("eval_accuracy"), entry["val_pairs"])
+    if any(s["heldout_pairs"] for s in manifest["splits"].values()):
+        heldout_accuracy([compare_with, str(out)] if compare_with else [str(out)], str(out))
+
+
 def train_shadow(
-    data: str,
-    out_dir: str,
-    backbone: PolicyConfig,
+    data: str, out_dir: str, backbone: PolicyConfig,
     head: Literal["sequence_classification", "last_token"] = "sequence_classification",
-    categories: Optional[list[str]] = None,
-    margin: float = 0.0,
-    center_rewards_coefficient: Optional[float] = 0.01,
-    lr: float = 5e-5,
-    weight_decay: float = 0.0,
-    max_steps: int = 50,
-    batch_size: int = 8,
-    val_fraction: float = 0.2,
-    max_prompt_length: int = 256,
-    max_completion_length: int = 128,
-    accelerator: str = "auto",
-    train_classifier: Optional[bool] = None,
-    seed: int = 0,
-    pooled: bool = False,
-    pooled_max_steps: Optional[int] = None,
-    compare_with: Optional[str] = None,
+    categories: Optional[list[str]] = None, margin: float = 0.0, center_rewards_coefficient: Optional[float] = 0.01,
+    lr: float = 5e-5, weight_decay: float = 0.0, max_steps: int = 50, batch_size: int = 8, val_fraction: float = 0.2,
+    max_prompt_length: int = 256, max_completion_length: int = 128, accelerator: str = "auto",
+    train_classifier: Optional[bool] = None, seed: int = 0,
+    pooled: bool = False, pooled_max_steps: Optional[int] = None, compare_with: Optional[str] = None,
 ) -> dict:
     """Train one shadow reward model per category and write `<out_dir>/manifest.json` (SPEC B2).
 
@@ -223,79 +277,43 @@ def train_shadow(
         head: "sequence_classification" or "last_token" (see RewardModule).
         categories: Categories to train; None: every category in `data`.
         margin: Bradley–Terry margin m.
-        center_rewards_coefficient: η of the centering term (keeps the models on one scale for
-            the linear ensemble); None: off.
+        center_rewards_coefficient: η of the centering term (keeps the models on one scale for the linear
+            ensemble); None: off.
         lr: AdamW learning rate.
         weight_decay: AdamW weight decay.
         max_steps: Optimiser steps per category.
         batch_size: Pairs per step.
-        val_fraction: Pairs of each category held out (the same seeded split for the per-category
-            and the pooled models) for the pairwise accuracy table.
+        val_fraction: Pairs of each category held out (the same seeded split for the per-category and the
+            pooled models) for the pairwise accuracy table.
         max_prompt_length: Prompt tokens kept.
         max_completion_length: Response tokens kept.
         accelerator: Lightning accelerator ("auto", "cpu", "gpu").
-        train_classifier: Also fit the prompt -> category classifier the categorized ensemble
-            uses for prompts without a category; None: yes, unless `pooled` (nothing routes).
+        train_classifier: Also fit the prompt -> category classifier the categorized ensemble uses for
+            prompts without a category; None: yes, unless `pooled` (nothing routes).
         seed: Seed for the splits, initialisation and shuffling.
-        pooled: Train ONE model on the union of every category's training split (a single reward
-            model for all categories) instead of one per category; manifest `categories: {pooled: ...}`.
-        pooled_max_steps: Optimiser steps of the pooled model; None: `max_steps` × the number of
-            categories (the per-category models' steps together: the same training compute).
-        compare_with: With `pooled`: the per-category run's manifest (same data, categories,
-            val_fraction and seed, hence the same held-out pairs: checked); the accuracy table
-            then sets the pooled model beside the shadow models.
+        pooled: Train ONE model on the union of every category's training split (a single reward model for
+            all categories) instead of one per category; manifest `categories: {pooled: ...}`.
+        pooled_max_steps: Optimiser steps of the pooled model; None: `max_steps` × the number of categories
+            (the per-category models' steps together: the same training compute).
+        compare_with: With `pooled`: the per-category run's manifest (same data, categories, val_fraction and seed,
+            hence the same held-out pairs: checked); the accuracy table then sets the pooled model beside the shadow models.
 
     Returns:
         The manifest (also written to `<out_dir>/manifest.json`); `<out_dir>/heldout_accuracy.{json,md}`
         hold the held-out pairwise accuracy per category.
     """
-    from lit_align.srmir.accuracy import heldout_accuracy
-
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    if compare_with is not None and not pooled:
-        raise ValueError("train-shadow: compare_with sets a pooled model beside shadow models; set pooled: true")
-    if pooled and train_classifier:
-        raise ValueError("train-shadow: pooled: true trains one model that nothing routes to; set train_classifier: false")
+    check_options(pooled, train_classifier, compare_with)
     data_path, out = Path(data), Path(out_dir)
-    if not data_path.is_file():
-        raise FileNotFoundError(f"shadow training data {data_path} does not exist (run lit-align build-cod first)")
-    per_category = split_by_category(data_path, out / "data")
-    chosen = categories or sorted(per_category)
-    missing = [c for c in chosen if c not in per_category]
-    if missing:
-        raise ValueError(f"{data_path} has no pairs for categories {missing} (it has {sorted(per_category)})")
+    per_category, chosen = read_categories(data_path, out, categories)
     steps = (pooled_max_steps or max_steps * len(chosen)) if pooled else max_steps
-    manifest = {
-        "format": MANIFEST_FORMAT, "version": MANIFEST_VERSION,
-        "strategy": "one model on every category's pairs (pooled)" if pooled else "one model per category, sequential runs",
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "data": str(data_path.resolve()),
-        "backbone": asdict(backbone), "head": head, "categories": {}, "pooled": pooled,
-        "training": dict(margin=margin, center_rewards_coefficient=center_rewards_coefficient, lr=lr,
-                         weight_decay=weight_decay, max_steps=steps, batch_size=batch_size,
-                         val_fraction=val_fraction, seed=seed),
-        "splits": write_splits(per_category, chosen, val_fraction, seed),
-    }
-    train_args = (out, backbone, head, margin, center_rewards_coefficient, lr, weight_decay, steps, batch_size,
-                  max_prompt_length, max_completion_length, accelerator, seed)
-    runs = {"pooled": ("train.jsonl", "heldout.jsonl")} if pooled else {
-        c: (f"{c}.train.jsonl", f"{c}.heldout.jsonl") for c in chosen}
-    for name, (train_file, heldout_file) in runs.items():
-        heldout = out / "data" / heldout_file
-        log.info("shadow model %s: training on %s", name, out / "data" / train_file)
-        manifest["categories"][name] = train_one(
-            name, out / "data" / train_file, heldout if heldout.read_text().strip() else None, *train_args)
-        write_manifest(out, manifest)  # a crash later still leaves the finished models usable
+    training = dict(margin=margin, center_rewards_coefficient=center_rewards_coefficient, lr=lr, weight_decay=weight_decay,
+                    max_steps=steps, batch_size=batch_size, val_fraction=val_fraction, seed=seed)
+    manifest = new_manifest(data_path, backbone, head, pooled, training, write_splits(per_category, chosen, val_fraction, seed))
+    train_models(manifest, out, backbone, max_prompt_length, max_completion_length, accelerator)
     if (not pooled if train_classifier is None else train_classifier) and len(chosen) > 1:
-        from lit_align.srmir.classifier import PromptCategoryClassifier
-
-        rows = [r for c in chosen for r in read_jsonl(per_category[c])]
-        clf = PromptCategoryClassifier(chosen).fit([r["prompt"] for r in rows], [r["category"] for r in rows], seed=seed)
-        clf.save(out / "category_classifier.pt")
-        manifest["classifier"] = "category_classifier.pt"
+        manifest["classifier"] = fit_classifier(per_category, chosen, out, seed)
     write_manifest(out, manifest)
-    for name, entry in manifest["categories"].items():
-        log.info("%s: held-out pairwise accuracy %s on %d pairs", name, entry.get("eval_accuracy"), entry["val_pairs"])
-    if any(s["heldout_pairs"] for s in manifest["splits"].values()):
-        heldout_accuracy([compare_with, str(out)] if compare_with else [str(out)], str(out))
+    report_accuracy(manifest, out, compare_with)
     return manifest
