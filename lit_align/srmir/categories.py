@@ -16,7 +16,7 @@ import re
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal, NamedTuple, Optional
 
 log = logging.getLogger(__name__)
 
@@ -206,6 +206,63 @@ def _row_labels(row: dict, source: PromptSource, category_field: str) -> list[st
     return [value]
 
 
+class _Layout(NamedTuple):
+    table: str
+    prompt_field: str
+    category_field: str
+
+
+def _layout(path: Path, columns: set[str], source: PromptSource) -> _Layout:
+    """The source's table and fields: its own settings, the rest recognised from the columns."""
+    table, prompt_field, category_field = source.table, source.prompt_field, source.category_field
+    for required, t, pf, cf in _LAYOUTS:
+        if required <= columns:
+            table, prompt_field, category_field = table or t, prompt_field or pf, category_field or cf
+            break
+    if not (table and prompt_field and category_field):
+        raise ValueError(
+            f"{path}: cannot tell the layout from its columns {sorted(columns)}; "
+            "set table, prompt_field and category_field"
+        )
+    for field in (prompt_field, category_field):
+        if field not in columns:
+            raise ValueError(f"{path}: no column {field!r} (columns: {sorted(columns)})")
+    return _Layout(table, prompt_field, category_field)
+
+
+def _row_prompt(row: dict, prompt_field: str, where: str) -> str:
+    """The row's prompt, after its HarmBench context if it has one; an error if it is empty."""
+    prompt = row.get(prompt_field)
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise ValueError(f"{where}: field {prompt_field!r} is empty or not text ({prompt!r})")
+    context = row.get("ContextString")
+    if isinstance(context, str) and context.strip():  # HarmBench contextual behaviours
+        prompt = f"{context.strip()}\n\n---\n\n{prompt.strip()}"
+    return prompt
+
+
+def _row_category(
+    row: dict, labels: list[str], layout: _Layout, where: str, unmapped: Unmapped, uncategorized: str, keyword_rules: bool
+) -> tuple[Optional[str], Optional[str]]:
+    """`(category, None)`, or `(None, reason)` for a row to skip: a keyword rule's category first, then
+    the row's labels mapped, then `uncategorized` for a row without labels."""
+    ruled = apply_keyword_rules(row[layout.prompt_field], None) if keyword_rules else None
+    if ruled is not None:
+        return ruled, None
+    if not labels:
+        if uncategorized == "error":
+            raise ValueError(
+                f"{where}: field {layout.category_field!r} is empty. Set uncategorized='skip', 'other' "
+                "or 'classify' (a prompt classifier trained on the labelled sources)."
+            )
+        if uncategorized == "skip":
+            return None, "uncategorized"
+        return (OTHER if uncategorized == "other" else None), None
+    mapped = {map_category(v, layout.table, unmapped, f"{where} field {layout.category_field!r}") for v in labels}
+    mapped.discard(None)
+    return (pick_multi_label(mapped), None) if mapped else (None, "unmapped")
+
+
 def read_prompt_source(
     source: PromptSource,
     unmapped: Unmapped = "error",
@@ -222,64 +279,22 @@ def read_prompt_source(
     if not path.exists():
         raise FileNotFoundError(f"prompt source {path} does not exist")
     ds = _load_table(path)
-    columns = set(ds.column_names)
-    table, prompt_field, category_field = source.table, source.prompt_field, source.category_field
-    for required, t, pf, cf in _LAYOUTS:
-        if required <= columns:
-            table, prompt_field, category_field = table or t, prompt_field or pf, category_field or cf
-            break
-    if not (table and prompt_field and category_field):
-        raise ValueError(
-            f"{path}: cannot tell the layout from its columns {sorted(columns)}; "
-            "set table, prompt_field and category_field"
-        )
-    for field in (prompt_field, category_field):
-        if field not in columns:
-            raise ValueError(f"{path}: no column {field!r} (columns: {sorted(columns)})")
+    layout = _layout(path, set(ds.column_names), source)
     rows, skipped = [], Counter()
     n = len(ds) if source.limit is None else min(source.limit, len(ds))
     for i in range(n):
-        row = ds[i]
-        where = f"{path} row {i}"
-        prompt = row.get(prompt_field)
-        if not isinstance(prompt, str) or not prompt.strip():
-            raise ValueError(f"{where}: field {prompt_field!r} is empty or not text ({prompt!r})")
-        context = row.get("ContextString")
-        if isinstance(context, str) and context.strip():  # HarmBench contextual behaviours
-            prompt = f"{context.strip()}\n\n---\n\n{prompt.strip()}"
+        row, where = ds[i], f"{path} row {i}"
+        prompt = _row_prompt(row, layout.prompt_field, where)
         if source.max_prompt_chars is not None and len(prompt) > source.max_prompt_chars:
             skipped["too_long"] += 1
             continue
-        labels = _row_labels(row, source, category_field)
-        ruled = apply_keyword_rules(row[prompt_field], None) if keyword_rules else None
-        if ruled is not None:
-            category = ruled
-        elif not labels:
-            if uncategorized == "error":
-                raise ValueError(
-                    f"{where}: field {category_field!r} is empty. Set uncategorized='skip', 'other' "
-                    "or 'classify' (a prompt classifier trained on the labelled sources)."
-                )
-            if uncategorized == "skip":
-                skipped["uncategorized"] += 1
-                continue
-            category = OTHER if uncategorized == "other" else None
-        else:
-            mapped = {map_category(v, table, unmapped, f"{where} field {category_field!r}") for v in labels}
-            mapped.discard(None)
-            if not mapped:
-                skipped["unmapped"] += 1
-                continue
-            category = pick_multi_label(mapped)
-        rows.append(
-            dict(
-                id=f"{path.name}:{i}",
-                prompt=prompt.strip(),
-                category=category,
-                source=path.name,
-                source_category="|".join(map(str, labels)) or None,
-            )
-        )
+        labels = _row_labels(row, source, layout.category_field)
+        category, skip = _row_category(row, labels, layout, where, unmapped, uncategorized, keyword_rules)
+        if skip is not None:
+            skipped[skip] += 1
+            continue
+        rows.append(dict(id=f"{path.name}:{i}", prompt=prompt.strip(), category=category, source=path.name,
+                         source_category="|".join(map(str, labels)) or None))
     if skipped:
         log.warning("%s: skipped %s", path, dict(skipped))
     return rows, skipped
