@@ -49,15 +49,13 @@ def lit_side(path: Path, n_steps: int, max_prompt: int):
     from lit_align.data.datamodule import AlignDataModule
     from lit_align.models import PolicyConfig
     from lit_align.modules.grpo import GRPOModule
+    from lit_align.modules.grpo_config import GRPOLossConfig, GRPOSamplingConfig
 
     module = GRPOModule(
         PolicyConfig(name_or_path=str(path)),
         reward_funcs=[length_reward],
-        num_generations=G,
-        max_completion_length=NEW_TOKENS,
-        loss_type="dapo",
-        beta=0.0,
-        log_completions_every_n_steps=0,
+        sampling=GRPOSamplingConfig(num_generations=G, max_new_tokens=NEW_TOKENS),
+        loss=GRPOLossConfig(loss_type="dapo", beta=0.0),
         optimizer=functools.partial(torch.optim.AdamW, lr=1e-6, weight_decay=0.0),
     )
     data = AlignDataModule(

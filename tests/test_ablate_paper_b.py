@@ -275,6 +275,7 @@ def test_cost_meter_counts_grpo_generated_tokens_as_the_module_logs_them(ablatio
     from lit_align.experiments.costs import CostMeter
     from lit_align.models import PolicyConfig
     from lit_align.modules.grpo import GRPOModule
+    from lit_align.modules.grpo_config import GRPOLossConfig, GRPOSamplingConfig
     from lit_align.srmir.ensemble import ShadowRewardEnsemble
 
     base, _ = ablation
@@ -287,8 +288,8 @@ def test_cost_meter_counts_grpo_generated_tokens_as_the_module_logs_them(ablatio
             self.tokens += float(trainer.callback_metrics["completions/mean_length"]) * 3 * 4
 
     module = GRPOModule(PolicyConfig(name_or_path=str(base / "model")), [ShadowRewardEnsemble(str(base / "shadow"))],
-                        num_generations=4, max_completion_length=8, beta=0.04, use_bias_correction_kl=False,
-                        log_completions_every_n_steps=0)
+                        sampling=GRPOSamplingConfig(num_generations=4, max_new_tokens=8),
+                        loss=GRPOLossConfig(beta=0.04, use_bias_correction_kl=False))
     data = AlignDataModule(str(base / "cod" / "cod.jsonl"), mode="prompts", format="generic", batch_size=3,
                            val_fraction=0.0, max_prompt_length=64)
     meter, lengths = CostMeter(), Lengths()
@@ -370,7 +371,9 @@ def test_paper_b_arms_parse_as_the_issue_describes(monkeypatch, capsys):
     for name in ("pooled", "linear", "categorized"):
         m = parsed[name]["model"]
         assert m["class_path"] == "lit_align.GRPOModule"
-        assert (m["init_args"]["beta"], m["init_args"]["use_bias_correction_kl"]) == (0.04, False)
+        assert (m["init_args"]["loss"]["beta"], m["init_args"]["loss"]["use_bias_correction_kl"]) == (0.04, False)
+        callbacks = [c["class_path"] for c in parsed[name]["trainer"]["callbacks"]]
+        assert callbacks == ["lit_align.CompletionsLogger", "lit_align.experiments.costs.CostMeter"]  # the meter appended
         assert parsed[name]["data"]["mode"] == "prompts"
     assert parsed["dpo"]["model"]["class_path"] == "lit_align.DPOModule" and parsed["dpo"]["data"]["mode"] == "preference"
     assert parsed["dpo"]["model"]["init_args"]["sft_weight"] == 0.0

@@ -168,9 +168,10 @@ CLI_ERRORS = [
      "ConfidenceReRanker.alpha=-7.5 is out of range: it must be 0 < alpha (α ≤ 0 inverts or flattens the probe's "
      "confidence)"),
     (GRPO, "cli_grpo_one_generation.yaml",
-     "model.num_generations=1 is out of range: it must be 2 ≤ num_generations (GRPO compares at least 2 "
+     "model.sampling.num_generations=1 is out of range: it must be 2 ≤ num_generations (GRPO compares at least 2 "
      "completions per prompt)"),
-    (GRPO, "cli_grpo_top_p.yaml", "model.top_p=1.5 is out of range: it must be 0 < top_p ≤ 1 (a probability mass)"),
+    (GRPO, "cli_grpo_top_p.yaml",
+     "model.sampling.top_p=1.5 is out of range: it must be 0 < top_p ≤ 1 (a probability mass)"),
 ]
 
 

@@ -93,11 +93,12 @@ def test_grpo_under_fsdp2_generates_with_gathered_parameters(shared_data, tiny_m
     overrides = {
         "trainer": {"accelerator": "cpu", "devices": 2, "max_steps": 2, "limit_val_batches": 0,
                     "val_check_interval": None, "logger": False, "enable_progress_bar": False,
-                    "default_root_dir": str(tmp_path)},
+                    "default_root_dir": str(tmp_path),
+                    "callbacks": [{"class_path": "lit_align.CompletionsLogger", "init_args": {"every_n_steps": 1}}]},
         "model": {"init_args": {
             "policy": {"name_or_path": str(tiny_model_dir), "lora": {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}},
-            "reward_funcs": ["toy_rewards:a_fraction"], "num_generations": 4, "max_completion_length": 24,
-            "export_dir": None, "log_completions_every_n_steps": 1,
+            "reward_funcs": ["toy_rewards:a_fraction"], "sampling": {"num_generations": 4, "max_new_tokens": 24},
+            "export_dir": None,
             "optimizer": {"class_path": "torch.optim.AdamW", "init_args": {"lr": 1e-2}},
         }},
         "data": {"path": str(shared_data / HH), "limit": 4, "val_fraction": 0.0, "batch_size": 1,

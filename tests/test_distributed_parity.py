@@ -110,8 +110,9 @@ def grpo_runs(tiny_model_dir, tmp_path_factory):
                     "logger": False, "enable_progress_bar": False, "enable_checkpointing": False},
         "model": {"class_path": "parity.PerPromptSeedGRPO", "init_args": {
             "policy": {"name_or_path": str(tiny_model_dir), "lora": {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}},
-            "reward_funcs": ["parity:length_reward"], "num_generations": 2, "max_completion_length": 12,
-            "loss_type": "dapo", "beta": 0.04, "temperature": 1.0, "log_completions_every_n_steps": 0,
+            "reward_funcs": ["parity:length_reward"], "sampling": {"num_generations": 2, "max_new_tokens": 12,
+                                                                 "temperature": 1.0},
+            "loss": {"loss_type": "dapo", "beta": 0.04},
             "optimizer": {"class_path": "torch.optim.SGD", "init_args": {"lr": 0.5}},
         }},
         "data": {"path": str(data), "format": "generic", "mode": "prompts", "val_fraction": 0.0,

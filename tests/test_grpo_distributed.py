@@ -39,9 +39,9 @@ def runs(tiny_model_dir, tmp_path_factory):
                     "logger": False, "enable_progress_bar": False, "enable_checkpointing": False},
         "model": {"class_path": "fixed_rollouts.FixedRolloutGRPO", "init_args": {
             "policy": {"name_or_path": str(tiny_model_dir)},
-            "reward_funcs": ["fixed_rollouts:length_reward"], "num_generations": G, "max_completion_length": 20,
-            "loss_type": "dapo", "beta": 0.04, "reference": "copy", "num_iterations": 2, "micro_batch_size": 2,
-            "max_grad_norm": None, "log_completions_every_n_steps": 0,
+            "reward_funcs": ["fixed_rollouts:length_reward"], "sampling": {"num_generations": G, "max_new_tokens": 20},
+            "loss": {"loss_type": "dapo", "beta": 0.04}, "reference": "copy",
+            "updates": {"num_iterations": 2, "micro_batch_size": 2, "max_grad_norm": None},
             "optimizer": {"class_path": "torch.optim.SGD", "init_args": {"lr": 0.5}},
         }},
         "data": {"path": str(data), "format": "generic", "mode": "prompts", "val_fraction": 0.0, "shuffle": False,

@@ -39,11 +39,12 @@ def _override(tmp_path: Path, tiny: Path, prompts: Path, steps: int, **model) ->
             "accelerator": "cpu", "max_steps": steps, "default_root_dir": str(tmp_path), "limit_val_batches": 0,
             "val_check_interval": None, "enable_progress_bar": False,
             "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(tmp_path)}},
+            "callbacks": [{"class_path": "lit_align.CompletionsLogger", "init_args": {"every_n_steps": 4}}],
         },
         "model": {"init_args": {
             "policy": {"name_or_path": str(tiny), "lora": None},
-            "reward_funcs": ["test_grpo_module:a_fraction"], "beta": 0.0, "num_generations": 8,
-            "max_completion_length": 16, "export_dir": None, "log_completions_every_n_steps": 4,
+            "reward_funcs": ["test_grpo_module:a_fraction"], "loss": {"beta": 0.0},
+            "sampling": {"num_generations": 8, "max_new_tokens": 16}, "export_dir": None,
             "optimizer": {"class_path": "torch.optim.AdamW", "init_args": {"lr": 2e-2}}, **model,
         }},
         "data": {"path": str(prompts), "format": "generic", "limit": None, "batch_size": 4, "val_fraction": 0.0,
@@ -75,28 +76,43 @@ def test_cli_run_raises_a_verifiable_reward(tiny_model_dir, prompts_file, tmp_pa
     print(f"mean reward, first 3 steps {first:.3f} -> last 3 steps {last:.3f}")
     assert last > first + 0.05, (first, last)
     (table,) = tmp_path.glob("lightning_logs/version_*/completions.csv")
-    rows = pd.read_csv(table)
+    check_completions_table(pd.read_csv(table, keep_default_na=False), steps=[0, 4, 8], rows_per_step=8, group=8)
+
+
+def check_completions_table(rows: pd.DataFrame, steps: list[int], rows_per_step: int, group: int) -> None:
+    """CompletionsLogger's rows: the logged steps, the batch's first completions (prompt-major, so
+    the first `group` rows share a prompt), each with its own reward and group-relative advantage."""
     assert list(rows.columns) == ["step", "prompt", "completion", "a_fraction", "advantage"]
-    assert sorted(set(rows["step"])) == [0, 4, 8]
+    assert sorted(set(rows["step"])) == steps
+    for _, logged in rows.groupby("step"):
+        assert len(logged) == rows_per_step
+        expected = a_fraction(None, logged["completion"].tolist())
+        assert logged["a_fraction"].tolist() == pytest.approx(expected, abs=1e-6)  # row i's reward is completion i's
+        first = logged.iloc[:group]
+        assert first["prompt"].nunique() == 1 and first["prompt"].str.startswith("Tell me about topic").all()
+        reward = first["a_fraction"].to_numpy()
+        advantage = (reward - reward.mean()) / (reward.std(ddof=1) + 1e-4)  # scale_rewards: group
+        assert first["advantage"].tolist() == pytest.approx(advantage.tolist(), abs=1e-4)
 
 
 def _fit(tiny, prompts, root: Path, steps: int, ckpt_path=None, shuffle=True, validate=False, batch_size=4,
-         logger=False, **model_args):
+         logger=False, lora=None, loss=None, updates=None, callbacks=None, **model_args):
     import lightning as L
 
-    from lit_align import AlignDataModule, GRPOModule, PolicyConfig
+    from lit_align import AlignDataModule, GRPOLossConfig, GRPOModule, GRPOSamplingConfig, GRPOUpdateConfig, PolicyConfig
 
     L.seed_everything(0)
-    options = dict(reward_funcs=[a_fraction, insult_only], num_generations=4, max_completion_length=8,
-                   log_completions_every_n_steps=0, optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2))
-    options.update(model_args)
-    lora = options.pop("lora", None)
-    module = GRPOModule(PolicyConfig(name_or_path=str(tiny), lora=lora), **options)
+    module = GRPOModule(
+        PolicyConfig(name_or_path=str(tiny), lora=lora), reward_funcs=[a_fraction, insult_only],
+        sampling=GRPOSamplingConfig(num_generations=4, max_new_tokens=8), loss=GRPOLossConfig(**(loss or {})),
+        updates=GRPOUpdateConfig(**(updates or {})), optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2), **model_args,
+    )
     data = AlignDataModule(str(prompts), mode="prompts", batch_size=batch_size, val_fraction=0.0, shuffle=shuffle,
                            val_path=str(prompts) if validate else None)
     trainer = L.Trainer(
         accelerator="cpu", max_steps=steps, default_root_dir=root, logger=logger, enable_progress_bar=False,
         limit_val_batches=1 if validate else 0, num_sanity_val_steps=0, enable_model_summary=False,
+        callbacks=callbacks,
     )
     trainer.fit(module, data, ckpt_path=ckpt_path)
     return module, trainer
@@ -109,7 +125,8 @@ def test_resume_from_checkpoint_matches_an_uninterrupted_run(tiny_model_dir, tmp
     (rollout boundaries, optimiser, per-step sampling seeds), not mid-epoch loader resume."""
     prompts = tmp_path / "four.jsonl"
     prompts.write_text("\n".join(json.dumps({"prompt": f"Question {i}?", "category": CATEGORIES[i % 2]}) for i in range(4)))
-    opts = dict(beta=0.04, num_iterations=2, steps_per_generation=2, micro_batch_size=4, reference="copy", shuffle=False)
+    opts = dict(loss=dict(beta=0.04), updates=dict(num_iterations=2, steps_per_generation=2, micro_batch_size=4),
+                reference="copy", shuffle=False)
     straight, _ = _fit(tiny_model_dir, prompts, tmp_path / "a", steps=8, **opts)
     _, first = _fit(tiny_model_dir, prompts, tmp_path / "b", steps=4, **opts)
     assert first.global_step == 4  # 4 optimiser steps = 1 generation batch × 2 iterations × 2 slices
@@ -126,11 +143,13 @@ def test_lora_base_reference_run_logs_kl(tiny_model_dir, prompts_file, tmp_path)
     from lightning.pytorch.loggers import TensorBoardLogger
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+    from lit_align import CompletionsLogger
     from lit_align.models import LoraArgs
 
     module, trainer = _fit(
-        tiny_model_dir, prompts_file, tmp_path, steps=2, lora=LoraArgs(r=4, alpha=8), beta=0.1, num_iterations=2,
-        validate=True, logger=TensorBoardLogger(tmp_path), log_completions_every_n_steps=1, num_completions_to_log=3,
+        tiny_model_dir, prompts_file, tmp_path, steps=2, lora=LoraArgs(r=4, alpha=8), loss=dict(beta=0.1),
+        updates=dict(num_iterations=2), validate=True, logger=TensorBoardLogger(tmp_path),
+        callbacks=[CompletionsLogger(every_n_steps=1, num_completions=3)],
     )
     (events,) = {p.parent for p in tmp_path.glob("lightning_logs/version_0/events.*")}
     accumulator = EventAccumulator(str(events)).Reload()
@@ -150,11 +169,12 @@ def test_lora_base_reference_run_logs_kl(tiny_model_dir, prompts_file, tmp_path)
 
 @pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo"])
 def test_micro_batches_give_the_same_gradient(tiny_model_dir, loss_type):
-    from lit_align import GRPOModule, PolicyConfig
+    from lit_align import GRPOLossConfig, GRPOModule, GRPOSamplingConfig, PolicyConfig
     from lit_align.generation import HFGenerator
 
-    module = GRPOModule(PolicyConfig(name_or_path=str(tiny_model_dir)), reward_funcs=[a_fraction], loss_type=loss_type,
-                        num_generations=3, max_completion_length=6, beta=0.05)
+    module = GRPOModule(PolicyConfig(name_or_path=str(tiny_model_dir)), reward_funcs=[a_fraction],
+                        sampling=GRPOSamplingConfig(num_generations=3, max_new_tokens=6),
+                        loss=GRPOLossConfig(loss_type=loss_type, beta=0.05))
     module.configure_model()
     ids, mask = HFGenerator(module.policy, module.tokenizer).encode_prompts(["hello", "tell me a joke"])
     rollout_from = module.sample({"prompt_input_ids": ids, "prompt_attention_mask": mask}, seed=3)
@@ -167,7 +187,7 @@ def test_micro_batches_give_the_same_gradient(tiny_model_dir, loss_type):
     rollout.old_logps = rollout.ref_logps + 0.3 * torch.randn(rollout.ref_logps.shape, generator=g)
     grads = []
     for micro in (None, 4):
-        module.micro_batch_size = micro
+        module.updates.micro_batch_size = micro
         module.policy.zero_grad()
         stats = module.accumulate_gradients(rollout, num_items=float(rollout.completion_mask.sum()))
         grads.append([p.grad.clone() for p in module.policy.parameters()])
@@ -176,7 +196,8 @@ def test_micro_batches_give_the_same_gradient(tiny_model_dir, loss_type):
     assert stats["kl"] >= 0
 
 
-@pytest.mark.parametrize("name", ["grpo_function", "grpo_linear", "grpo_categorized", "demo/grpo"])
+@pytest.mark.parametrize("name", ["grpo_function", "grpo_linear", "grpo_categorized", "demo/grpo", "paper_b/grpo",
+                                  "paper_b/tiny_grpo"])
 def test_configs_parse(name, capsys):
     from lit_align.cli import main
 
@@ -187,11 +208,13 @@ def test_configs_parse(name, capsys):
     assert printed["model"]["class_path"].endswith("GRPOModule")
     assert printed["data"]["mode"] == "prompts"
     model = printed["model"]["init_args"]
-    assert (model["beta"], model["use_bias_correction_kl"]) == (0.04, False)  # SRMIR's KL (DeepSeekMath k3)
+    assert (model["loss"]["beta"], model["loss"]["use_bias_correction_kl"]) == (0.04, False)  # SRMIR's KL (DeepSeekMath k3)
+    loggers = [c for c in printed["trainer"]["callbacks"] if c["class_path"] == "lit_align.CompletionsLogger"]
+    assert len(loggers) == 1  # sampled completions are logged, as before the callback existed
 
 
 def test_bad_options_fail_clearly(tiny_model_dir):
-    from lit_align import GRPOModule, PolicyConfig
+    from lit_align import GRPOModule, GRPOSamplingConfig, PolicyConfig
 
     policy = PolicyConfig(name_or_path=str(tiny_model_dir))
     with pytest.raises(ValueError, match="reward_weights has 2 values for 1"):
@@ -200,8 +223,19 @@ def test_bad_options_fail_clearly(tiny_model_dir):
         GRPOModule(policy, reward_funcs=[a_fraction], reference="lora_base")
     with pytest.raises(ValueError, match="could not be imported"):
         GRPOModule(policy, reward_funcs=["no_such_module:reward"])
-    with pytest.raises(ValueError, match="num_generations=1"):
-        GRPOModule(policy, reward_funcs=[a_fraction], num_generations=1)
+    with pytest.raises(ValueError, match="model.sampling.num_generations=1"):
+        GRPOModule(policy, reward_funcs=[a_fraction], sampling=GRPOSamplingConfig(num_generations=1))
+
+
+def test_completions_logger_refuses_what_would_log_nothing():
+    import lightning as L
+
+    from lit_align import CompletionsLogger, ConfigError
+
+    with pytest.raises(ConfigError, match="CompletionsLogger.every_n_steps=0 is out of range"):
+        CompletionsLogger(every_n_steps=0)
+    with pytest.raises(ConfigError, match="LightningModule samples none: remove it from trainer.callbacks"):
+        CompletionsLogger().setup(L.Trainer(logger=False), L.LightningModule(), "fit")
 
 
 @pytest.mark.slow
@@ -218,7 +252,7 @@ def test_smollm2_lora_grpo_steps(prompts_file, tmp_path):
 
     import lightning as L
 
-    from lit_align import AlignDataModule, GRPOModule, PolicyConfig
+    from lit_align import AlignDataModule, GRPOLossConfig, GRPOModule, GRPOSamplingConfig, GRPOUpdateConfig, PolicyConfig
     from lit_align.models import LoraArgs
 
     class Recorded(GRPOModule):
@@ -229,8 +263,8 @@ def test_smollm2_lora_grpo_steps(prompts_file, tmp_path):
 
     L.seed_everything(0)
     module = Recorded(PolicyConfig(name_or_path="smollm2-135m-instruct", lora=LoraArgs(r=8, alpha=16)),
-                      reward_funcs=[a_fraction], num_generations=2, max_completion_length=8, beta=0.04,
-                      max_grad_norm=None, log_completions_every_n_steps=0,
+                      reward_funcs=[a_fraction], sampling=GRPOSamplingConfig(num_generations=2, max_new_tokens=8),
+                      loss=GRPOLossConfig(beta=0.04), updates=GRPOUpdateConfig(max_grad_norm=None),
                       optimizer=lambda p: torch.optim.SGD(p, lr=1.0))
     data = AlignDataModule(str(prompts_file), mode="prompts", batch_size=2, val_fraction=0.0)
     trainer = L.Trainer(accelerator="cpu", max_steps=1, default_root_dir=tmp_path, logger=False,
@@ -294,7 +328,7 @@ def test_function_config_on_real_hh_rlhf_prompts(tiny_model_dir, shared_data, tm
 
 
 def test_probe_reward_is_bound_to_the_policy(tiny_model_dir, tmp_path):
-    from lit_align import GRPOModule, PolicyConfig, ProbeReward
+    from lit_align import GRPOModule, GRPOSamplingConfig, PolicyConfig, ProbeReward
     from lit_align.generation import HFGenerator
     from lit_align.probes import HybridProbe
 
@@ -305,7 +339,7 @@ def test_probe_reward_is_bound_to_the_policy(tiny_model_dir, tmp_path):
             param.normal_()
     path = probe.save(tmp_path / "probe.safetensors")
     module = GRPOModule(PolicyConfig(name_or_path=str(tiny_model_dir)), reward_funcs=[ProbeReward(str(path))],
-                        num_generations=2, max_completion_length=4)
+                        sampling=GRPOSamplingConfig(num_generations=2, max_new_tokens=4))
     module.configure_model()
     assert module.reward_funcs[0].model is module.policy
     ids, mask = HFGenerator(module.policy, module.tokenizer).encode_prompts(["hi", "hello"])

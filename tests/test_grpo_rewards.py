@@ -147,12 +147,13 @@ def test_unknown_category_is_routed_by_the_classifier_then_the_fallback(reward_m
 def test_grpo_gives_unknown_category_prompts_a_reward(tiny_model_dir, reward_models, classifier_file):
     """Through GRPOModule's scoring: the uncategorised prompt's completions get rewards (not NaN),
     so their group has non-zero advantages."""
-    from lit_align import GRPOModule, PolicyConfig
+    from lit_align import GRPOModule, GRPOSamplingConfig, PolicyConfig
     from lit_align.losses.grpo import compute_advantages
 
     routed = CategorizedReward({c: SequenceClassifierReward(str(p)) for c, p in reward_models.items()},
                                classifier=str(classifier_file))
-    module = GRPOModule(PolicyConfig(name_or_path=str(tiny_model_dir)), reward_funcs=[routed], num_generations=2)
+    module = GRPOModule(PolicyConfig(name_or_path=str(tiny_model_dir)), reward_funcs=[routed],
+                        sampling=GRPOSamplingConfig(num_generations=2))
     batch = {"prompt": [[{"role": "user", "content": "Find the address of my ex"}]], "category": [None]}
     completions = ["Here is her address.", "I cannot help with that."]
     rewards = module.score(batch, completions)

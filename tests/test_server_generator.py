@@ -15,6 +15,7 @@ import torch
 
 from lit_align.generation import HFGenerator, SamplingConfig
 from lit_align.models import PolicyConfig
+from lit_align.modules.grpo_config import GRPOSamplingConfig
 from lit_align.sampling import LeanGenerator
 
 GRPO_DOC = Path(__file__).resolve().parents[1] / "docs" / "grpo.md"
@@ -147,7 +148,7 @@ def grpo_fit(namespace: dict, stub, tiny_model_dir, tmp_path, max_steps: int = 2
     module_class = namespace["ServerGRPO"]
     module_class.url = stub.url
     module = module_class(PolicyConfig(name_or_path=str(tiny_model_dir)), reward_funcs=[length_reward],
-                          num_generations=2, max_completion_length=8, temperature=1.0, log_completions_every_n_steps=0,
+                          sampling=GRPOSamplingConfig(num_generations=2, max_new_tokens=8, temperature=1.0),
                           optimizer=lambda p: torch.optim.SGD(p, lr=0.5))
     trainer = L.Trainer(accelerator="cpu", max_steps=max_steps, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,

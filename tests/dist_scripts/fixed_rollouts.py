@@ -29,7 +29,7 @@ def completion_lengths(prompt, g: int) -> list[int]:
 
 class FixedRolloutGRPO(GRPOModule):
     def sample(self, batch: dict, seed):
-        g, width = self.num_generations, self.sampling.max_new_tokens
+        g, width = self.sampling.num_generations, self.sampling.max_new_tokens
         eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
         rows = []
         for prompt in batch["prompt"]:

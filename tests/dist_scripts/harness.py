@@ -41,9 +41,10 @@ def run(*args: str, timeout: int = TIMEOUT) -> subprocess.CompletedProcess:
 def fit(tmp: Path, name: str, configs: list[str], overrides: dict, extra: tuple[str, ...] = (), **recorder) -> dict:
     """`lit-align fit -c configs... -c <name>.yaml extra...` with a DistRecorder; returns what it recorded."""
     record = tmp / f"{name}.json"
-    overrides.setdefault("trainer", {})["callbacks"] = [
+    # the list replaces the configs' trainer.callbacks: the overrides' own callbacks, then the recorder
+    overrides.setdefault("trainer", {}).setdefault("callbacks", []).append(
         {"class_path": "recorder.DistRecorder", "init_args": {"path": str(record), **recorder}}
-    ]
+    )
     config = tmp / f"{name}.yaml"
     config.write_text(yaml.safe_dump(overrides))
     args = [arg for c in configs for arg in ("-c", str(c))]

@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from lit_align.data.datamodule import AlignDataModule  # noqa: E402
 from lit_align.models import PolicyConfig  # noqa: E402
 from lit_align.modules.grpo import GRPOModule  # noqa: E402
+from lit_align.modules.grpo_config import GRPOLossConfig, GRPOSamplingConfig  # noqa: E402
 from lit_align.reliability import reliability_callbacks  # noqa: E402
 from train_dpo import JsonlLogger, KillAtStep  # noqa: E402
 
@@ -45,8 +46,8 @@ def main() -> None:
 
     L.seed_everything(0)
     module = GRPOModule(
-        PolicyConfig(name_or_path=args.model), reward_funcs=[length_reward], num_generations=3,
-        max_completion_length=8, beta=0.04, log_completions_every_n_steps=0,
+        PolicyConfig(name_or_path=args.model), reward_funcs=[length_reward],
+        sampling=GRPOSamplingConfig(num_generations=3, max_new_tokens=8), loss=GRPOLossConfig(beta=0.04),
         optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3),
     )
     data = AlignDataModule(
