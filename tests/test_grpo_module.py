@@ -238,6 +238,26 @@ def test_completions_logger_refuses_what_would_log_nothing():
         CompletionsLogger().setup(L.Trainer(logger=False), L.LightningModule(), "fit")
 
 
+def closed_form_gradient(policy, initial: dict, rollout, advantages):
+    """A copy of `policy` at the `initial` weights whose .grad is that of the first step's dapo loss
+    −Σ_i Â_i log π(y_i|x_i) / Σ_i |y_i|, one forward per completion (no batching, no shared prompt)."""
+    import copy
+
+    start = copy.deepcopy(policy)
+    with torch.no_grad():
+        for name, p in start.named_parameters():
+            p.copy_(initial[name])
+    lengths, objective = rollout.completion_mask.sum(1).float(), 0.0
+    for i in range(len(lengths)):
+        prompt = rollout.prompt_ids[i][rollout.prompt_mask[i].bool()]
+        completion = rollout.completion_ids[i][rollout.completion_mask[i].bool()]
+        logits = start(torch.cat([prompt, completion])[None]).logits[0, len(prompt) - 1 : -1]
+        logp = torch.log_softmax(logits.float(), -1).gather(1, completion[:, None]).sum()
+        objective = objective - advantages[i] * logp / lengths.sum()
+    objective.backward()
+    return start
+
+
 @pytest.mark.slow
 def test_smollm2_lora_grpo_steps(prompts_file, tmp_path):
     """One optimiser step on the real SmolLM2-135M-Instruct with LoRA and KL to its base
@@ -248,8 +268,6 @@ def test_smollm2_lora_grpo_steps(prompts_file, tmp_path):
     Â_i = (r_i − mean_g r) / (std_g r + 1e-4) (unbiased std over the prompt's 2 completions).
     Plain SGD with lr 1 and no clipping: the step moves the weights by exactly −gradient, which is
     recomputed here with one forward per completion, independent of the module's batched code."""
-    import copy
-
     import lightning as L
 
     from lit_align import AlignDataModule, GRPOLossConfig, GRPOModule, GRPOSamplingConfig, GRPOUpdateConfig, PolicyConfig
@@ -284,18 +302,7 @@ def test_smollm2_lora_grpo_steps(prompts_file, tmp_path):
     assert float(logged["reward"]) == pytest.approx(float(rewards.mean()), abs=1e-6)
     assert float(logged["completions/mean_length"]) == pytest.approx(float(lengths.mean()))
 
-    start = copy.deepcopy(module.policy)  # the weights the rollout was sampled with
-    with torch.no_grad():
-        for name, p in start.named_parameters():
-            p.copy_(module.initial[name])
-    objective = 0.0
-    for i in range(len(lengths)):
-        prompt = rollout.prompt_ids[i][rollout.prompt_mask[i].bool()]
-        completion = rollout.completion_ids[i][rollout.completion_mask[i].bool()]
-        logits = start(torch.cat([prompt, completion])[None]).logits[0, len(prompt) - 1 : -1]
-        logp = torch.log_softmax(logits.float(), -1).gather(1, completion[:, None]).sum()
-        objective = objective - advantages[i] * logp / lengths.sum()
-    objective.backward()
+    start = closed_form_gradient(module.policy, module.initial, rollout, advantages)
     trained = dict(module.policy.named_parameters())
     lora_b = [n for n, p in start.named_parameters() if p.requires_grad and "lora_B" in n]
     assert len(lora_b) > 0
