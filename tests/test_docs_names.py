@@ -128,13 +128,27 @@ def option_names() -> dict[str, set[str]]:
     return {"model": model, "data": names(AlignDataModule), "trainer": names(L.Trainer)}
 
 
+def dataclass_options() -> dict[str, set[str]]:
+    """`model.X.Y`: the fields Y of every module option X typed as a dataclass (`policy`, `backbone`:
+    PolicyConfig; GRPO's `sampling`, `loss`, `updates`; OnlineDPO's `sampling`)."""
+    import dataclasses
+    import typing
+
+    import lit_align
+    from lit_align.modules.probe import ProbeModule
+
+    found: dict[str, set[str]] = {}
+    for cls in [lit_align.DPOModule, lit_align.OnlineDPOModule, lit_align.GRPOModule, lit_align.RewardModule, ProbeModule]:
+        for name, hint in typing.get_type_hints(cls.__init__).items():
+            for t in (hint, *typing.get_args(hint)):
+                if dataclasses.is_dataclass(t):
+                    found.setdefault(name, set()).update(f.name for f in dataclasses.fields(t))
+    return found
+
+
 def test_options_exist():
-    from dataclasses import fields
-
-    from lit_align.models import PolicyConfig
-
-    allowed = option_names()
-    policy_fields = {f.name for f in fields(PolicyConfig)}
+    allowed, nested_fields = option_names(), dataclass_options()
+    assert {"policy", "backbone", "sampling", "loss", "updates"} <= set(nested_fields)
     missing = []
     for doc, option in mentions(OPTION, ticked_only=True):
         group, name, nested = OPTION.fullmatch(option).groups()
@@ -142,7 +156,7 @@ def test_options_exist():
             continue
         if name not in allowed[group]:
             missing.append((doc, option))
-        elif name in ("policy", "backbone") and nested and nested.split(".")[1] not in policy_fields:
+        elif group == "model" and nested and name in nested_fields and nested.split(".")[1] not in nested_fields[name]:
             missing.append((doc, option))
     assert not missing, f"docs name options no module, AlignDataModule or Trainer has: {missing}"
 
