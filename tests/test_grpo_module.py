@@ -133,6 +133,10 @@ def test_resume_from_checkpoint_matches_an_uninterrupted_run(tiny_model_dir, tmp
     (ckpt,) = (tmp_path / "b").glob("checkpoints/*.ckpt")
     checkpoint = torch.load(ckpt, weights_only=False)
     assert not any(k.startswith("reference.") for k in checkpoint["state_dict"])  # frozen copy not saved
+    from lit_align import GRPOModule  # the option groups are hyper-parameters: they come back from the file
+
+    loaded = GRPOModule.load_from_checkpoint(ckpt, reward_funcs=[a_fraction, insult_only])  # weights_only load
+    assert (loaded.loss.beta, loaded.updates.num_iterations, loaded.sampling.max_new_tokens) == (0.04, 2, 8)
     resumed, second = _fit(tiny_model_dir, prompts, tmp_path / "c", steps=8, ckpt_path=ckpt, **opts)
     assert second.global_step == 8
     for (name, a), (_, b) in zip(straight.policy.state_dict().items(), resumed.policy.state_dict().items()):
