@@ -294,24 +294,18 @@ def strategy_options(strategy) -> dict:
     return dataclasses.asdict(cfg) if isinstance(cfg, ShardingConfig) else {}
 
 
-def apply_sharding(
-    model: nn.Module,
-    device_mesh,
-    *,
-    reshard_after_forward: bool = True,
-    mixed_precision: Optional[str] = "auto",
-    activation_checkpointing: bool = False,
-    reference: Literal["shard", "replicate"] = "shard",
-) -> nn.Module:
-    """`AlignModule.shard_model`: a frozen model is a reference (`prepare_reference`), others `shard_model`."""
+def apply_sharding(model: nn.Module, device_mesh, **options) -> nn.Module:
+    """`AlignModule.shard_model`: a frozen model is a reference (`prepare_reference`), others
+    `shard_model`; `options` are `ShardingConfig`'s fields (its defaults for those not given)."""
+    cfg = ShardingConfig(**options)
     if not any(p.requires_grad for p in model.parameters()):
-        return prepare_reference(model, device_mesh, reference=reference, mixed_precision=mixed_precision)
+        return prepare_reference(model, device_mesh, reference=cfg.reference, mixed_precision=cfg.mixed_precision)
     return shard_model(
         model,
         device_mesh,
-        reshard_after_forward=reshard_after_forward,
-        mixed_precision=mixed_precision,
-        activation_checkpointing=activation_checkpointing,
+        reshard_after_forward=cfg.reshard_after_forward,
+        mixed_precision=cfg.mixed_precision,
+        activation_checkpointing=cfg.activation_checkpointing,
     )
 
 
