@@ -56,7 +56,7 @@ def hh_candidates(shared_data, n):
                 return rows
 
 
-def test_rerank_candidates_column(shared_data, tiny_model_dir, probe_file, tmp_path):
+def test_rerank_candidates_column(shared_data, tiny_model_dir, probe_file, tmp_path, capsys):
     rows = hh_candidates(shared_data, 5)
     data = tmp_path / "candidates.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -64,6 +64,8 @@ def test_rerank_candidates_column(shared_data, tiny_model_dir, probe_file, tmp_p
     main(["rerank-candidates", f"--data={data}", f"--probe={probe_file}", f"--policy.name_or_path={tiny_model_dir}", f"--output={out}"])
     pairs = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(pairs) == 5
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])  # 5 prompts x 3 candidates, all scored
+    assert summary == {"prompts": 5, "candidates": 15, "pairs": 5, "skipped": {"identical": 0, "small_margin": 0}, "output": str(out)}
     # score each candidate on its own (batch of one) and check the choice
     cfg = PolicyConfig(name_or_path=str(tiny_model_dir))
     scorer = ProbeScorer.from_files(cfg, probe_file, progress=False)

@@ -104,6 +104,33 @@ def _candidates_of(rows: list[dict], column: str, need: int, source: str, on_bad
     return kept, texts
 
 
+def _sample_candidates(
+    scorer: ProbeScorer, rows: list[dict], num_candidates: int, pairs_per_prompt: int, sampling: Optional[SamplingConfig],
+    generation_batch_size: int, seed: int,
+) -> list[list[str]]:
+    """`num_candidates` responses per prompt, sampled once from the scorer's model (the policy)."""
+    from lit_align.sampling import LeanGenerator
+
+    if num_candidates < 2 * pairs_per_prompt:
+        raise ValueError(f"num_candidates={num_candidates} is fewer than the {2 * pairs_per_prompt} that pairs_per_prompt={pairs_per_prompt} needs")
+    generator = LeanGenerator(scorer.model, scorer.tokenizer)
+    texts = generator.generate(
+        [r["prompt"] for r in rows], sampling or SamplingConfig(), num_candidates, generation_batch_size, seed
+    )
+    return [texts[i * num_candidates : (i + 1) * num_candidates] for i in range(len(rows))]
+
+
+def _score_candidates(scorer: ProbeScorer, rows: list[dict], candidates: list[list[str]]) -> list[list[float]]:
+    """The probe score of every (prompt, candidate), scored in one flat pass and regrouped per prompt."""
+    flat_prompts = [r["prompt"] for r, c in zip(rows, candidates) for _ in c]
+    flat_scores = scorer(flat_prompts, [t for c in candidates for t in c])
+    scores, start = [], 0
+    for c in candidates:
+        scores.append(flat_scores[start : start + len(c)])
+        start += len(c)
+    return scores
+
+
 def rerank_candidates(
     data: str,
     probe: str,
@@ -144,33 +171,21 @@ def rerank_candidates(
         on_bad_rows: "error" or "skip" rows with unusable candidates (skips are counted and logged).
     """
     from lit_align.data.formats import load_rows
-    from lit_align.sampling import LeanGenerator
 
     rows = load_rows(data, format, mode="prompts", on_bad_rows=on_bad_rows)[:limit]
     scorer = ProbeScorer.from_files(policy, probe, batch_size=batch_size, max_length=max_length)
     if candidates_column in rows[0]:
         rows, candidates = _candidates_of(rows, candidates_column, 2 * pairs_per_prompt, data, on_bad_rows)
     else:
-        if num_candidates < 2 * pairs_per_prompt:
-            raise ValueError(f"num_candidates={num_candidates} is fewer than the {2 * pairs_per_prompt} that pairs_per_prompt={pairs_per_prompt} needs")
-        generator = LeanGenerator(scorer.model, scorer.tokenizer)
-        texts = generator.generate(
-            [r["prompt"] for r in rows], sampling or SamplingConfig(), num_candidates, generation_batch_size, seed
-        )
-        candidates = [texts[i * num_candidates : (i + 1) * num_candidates] for i in range(len(rows))]
-    flat_prompts = [r["prompt"] for r, c in zip(rows, candidates) for _ in c]
-    flat_scores = scorer(flat_prompts, [t for c in candidates for t in c])
-    scores, start = [], 0
-    for c in candidates:
-        scores.append(flat_scores[start : start + len(c)])
-        start += len(c)
+        candidates = _sample_candidates(scorer, rows, num_candidates, pairs_per_prompt, sampling, generation_batch_size, seed)
+    scores = _score_candidates(scorer, rows, candidates)
     pairs, skipped = build_pairs(rows, candidates, scores, pairs_per_prompt, min_margin)
     out = Path(output)
     out.parent.mkdir(parents=True, exist_ok=True)
     with out.open("w") as f:
         for pair in pairs:
             f.write(json.dumps(pair) + "\n")
-    summary = {"prompts": len(rows), "candidates": len(flat_scores), "pairs": len(pairs), "skipped": skipped, "output": str(out)}
+    summary = {"prompts": len(rows), "candidates": sum(map(len, candidates)), "pairs": len(pairs), "skipped": skipped, "output": str(out)}
     log.info("rerank-candidates: %s", summary)
     print(json.dumps(summary))
     return summary
