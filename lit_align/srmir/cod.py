@@ -181,25 +181,28 @@ def write_counts(output: Path, stats: dict[str, dict]) -> None:
 
 
 # ---------------------------------------------------------------------------- the command
+def resume_plan(
+    plan: list[dict], reserve: dict[str, list[dict]], categories: list[str], stats: dict[str, dict], done: dict[str, dict]
+) -> tuple[list[dict], dict[str, deque], list[dict]]:
+    """`(order, queues, todo)`: every row in plan-then-reserve order (a row's place is its sampling
+    seed), each category's rows not yet written, and the rows still to generate (interleaved)."""
+    order = plan + interleave(list(reserve.values()))
+    in_file = Counter(done[r["id"]]["category"] for r in order if r["id"] in done)
+    queues = {c: deque(r for r in order if r["category"] == c and r["id"] not in done) for c in categories}
+    need = {c: max(0, s["selected"] + s["upsampled"] - in_file[c]) for c, s in stats.items()}
+    todo = interleave([[queues[c].popleft() for _ in range(min(need[c], len(queues[c])))] for c in categories])
+    log.info("build-cod: %d planned, %d already written, %d to generate", len(plan), sum(in_file.values()), len(todo))
+    return order, queues, todo
+
+
 def build_cod(
-    sources: list[PromptSource],
-    output: str,
-    policy: PolicyConfig,
-    generator: Optional[PolicyConfig] = None,
-    categories: Optional[list[str]] = None,
-    unmapped: Unmapped = "error",
-    uncategorized: Literal["error", "skip", "other", "classify"] = "error",
-    keyword_rules: bool = True,
-    balance_mode: Literal["down", "up", "none"] = "down",
-    per_category: Optional[int] = None,
-    cod_sampling: Optional[SamplingConfig] = None,
-    rejected_sampling: Optional[SamplingConfig] = None,
-    max_retries: int = 2,
-    one_shot: bool = False,
-    batch_size: int = 8,
-    seed: int = 0,
-    limit: Optional[int] = None,
-    progress: bool = True,
+    sources: list[PromptSource], output: str, policy: PolicyConfig, generator: Optional[PolicyConfig] = None,
+    categories: Optional[list[str]] = None, unmapped: Unmapped = "error",
+    uncategorized: Literal["error", "skip", "other", "classify"] = "error", keyword_rules: bool = True,
+    balance_mode: Literal["down", "up", "none"] = "down", per_category: Optional[int] = None,
+    cod_sampling: Optional[SamplingConfig] = None, rejected_sampling: Optional[SamplingConfig] = None,
+    max_retries: int = 2, one_shot: bool = False, batch_size: int = 8, seed: int = 0,
+    limit: Optional[int] = None, progress: bool = True,
 ) -> dict[str, dict]:
     """Build the balanced Chain-of-Draft safety preference set (SRMIR, SPEC B1).
 
@@ -244,13 +247,7 @@ def build_cod(
     plan, stats, reserve = balance(rows, categories, balance_mode, per_category, seed)
     out = Path(output)
     out.parent.mkdir(parents=True, exist_ok=True)
-    order = plan + interleave(list(reserve.values()))  # a row's place: its sampling seed
-    done = read_done(out)
-    in_file = Counter(done[r["id"]]["category"] for r in order if r["id"] in done)
-    queues = {c: deque(r for r in order if r["category"] == c and r["id"] not in done) for c in categories}
-    need = {c: max(0, s["selected"] + s["upsampled"] - in_file[c]) for c, s in stats.items()}
-    todo = interleave([[queues[c].popleft() for _ in range(min(need[c], len(queues[c])))] for c in categories])
-    log.info("build-cod: %d planned, %d already written, %d to generate", len(plan), sum(in_file.values()), len(todo))
+    order, queues, todo = resume_plan(plan, reserve, categories, stats, read_done(out))
     dropped, replaced = Counter(), Counter()
     if todo and limit != 0:
         generate_all(todo, queues, order, out, policy, generator, cod_sampling, rejected_sampling, max_retries,
