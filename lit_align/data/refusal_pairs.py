@@ -208,6 +208,32 @@ def load_prompts(sets: list[PromptSetConfig], harmful: bool, stats: dict[str, Co
     return rows
 
 
+def check_options(harmful: list[PromptSetConfig], harmless: list[PromptSetConfig], max_overlap: float) -> None:
+    """Refuse a run without both lists, an overlap outside (0, 1] or two sets of one name."""
+    if not harmful or not harmless:
+        raise ValueError("build-pairs needs both `harmful` and `harmless` prompt sets")
+    if not 0 < max_overlap <= 1:
+        raise ValueError(f"max_overlap={max_overlap}: choose a value in (0, 1]")
+    labels = [cfg.label for cfg in [*harmful, *harmless]]
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"build-pairs: prompt set names {labels} repeat; give each a `name`")
+
+
+def drop_near_evaluation_prompts(
+    rows: list[dict], exclude: list[PromptSetConfig], max_overlap: float, stats: dict[str, Counter]
+) -> list[dict]:
+    """The rows not close to any prompt of `exclude` (each dropped one counted and logged)."""
+    references = [r["prompt"] for cfg in exclude for r in load_prompt_set(cfg)]
+    kept = []
+    for row, hit in zip(rows, near_duplicates([r["prompt"] for r in rows], references, max_overlap)):
+        if hit is None:
+            kept.append(row)
+        else:
+            stats[row["set"]]["near_evaluation_prompt"] += 1
+            log.info("build-pairs: dropped %r (close to evaluation prompt %r)", row["prompt"], hit)
+    return kept
+
+
 def build_pairs(
     harmful: list[PromptSetConfig],
     harmless: list[PromptSetConfig],
@@ -245,23 +271,10 @@ def build_pairs(
         (dropped), skipped_empty_answer, skipped_already_refuses (a harmful prompt the policy
         already refuses), skipped_answer_is_refusal (a harmless prompt it refuses), pairs.
     """
-    if not harmful or not harmless:
-        raise ValueError("build-pairs needs both `harmful` and `harmless` prompt sets")
-    if not 0 < max_overlap <= 1:
-        raise ValueError(f"max_overlap={max_overlap}: choose a value in (0, 1]")
-    labels = [cfg.label for cfg in [*harmful, *harmless]]
-    if len(set(labels)) != len(labels):
-        raise ValueError(f"build-pairs: prompt set names {labels} repeat; give each a `name`")
+    check_options(harmful, harmless, max_overlap)
     stats: dict[str, Counter] = defaultdict(Counter)
     rows = load_prompts(harmful, True, stats) + load_prompts(harmless, False, stats)
-    references = [r["prompt"] for cfg in exclude or [] for r in load_prompt_set(cfg)]
-    kept = []
-    for row, hit in zip(rows, near_duplicates([r["prompt"] for r in rows], references, max_overlap)):
-        if hit is None:
-            kept.append(row)
-        else:
-            stats[row["set"]]["near_evaluation_prompt"] += 1
-            log.info("build-pairs: dropped %r (close to evaluation prompt %r)", row["prompt"], hit)
+    kept = drop_near_evaluation_prompts(rows, exclude or [], max_overlap, stats)
     out = Path(output)
     out.parent.mkdir(parents=True, exist_ok=True)
     generations = generate_missing(kept, out.with_suffix(".generations.jsonl"), policy, refusal_opener,
