@@ -260,6 +260,23 @@ def test_bad_input_names_file_row_and_field(tiny_model_dir, prompt_sets, tmp_pat
     assert not Path(out).exists()
 
 
+@pytest.mark.parametrize("case, message", [
+    ("no_harmless", r"build-pairs needs both `harmful` and `harmless` prompt sets"),
+    ("overlap_0", r"max_overlap=0\.0: choose a value in \(0, 1\]"),
+    ("overlap_1.5", r"max_overlap=1\.5: choose a value in \(0, 1\]"),
+    ("same_name", r"build-pairs: prompt set names \['bad', 'bad'\] repeat; give each a `name`"),
+])
+def test_options_are_checked_before_anything_is_read(case, message, prompt_sets, tmp_path):
+    harmful, harmless = prompt_sets
+    kw = {"no_harmless": dict(harmless=[]), "overlap_0": dict(max_overlap=0.0), "overlap_1.5": dict(max_overlap=1.5),
+          "same_name": dict(harmless=[PromptSetConfig(preset="custom", path=harmless[0].path, name="bad", harmful=False)])}[case]
+    args = dict(harmful=harmful, harmless=harmless, output=str(tmp_path / "o" / "pairs.jsonl"),
+                policy=PolicyConfig(name_or_path=str(tmp_path / "no_model")), progress=False) | kw
+    with pytest.raises(ValueError, match=message):
+        build_pairs(**args)
+    assert not (tmp_path / "o").exists()  # refused before any output directory or model
+
+
 def test_corrupt_generations_line_is_named(tiny_model_dir, prompt_sets, tmp_path):
     out = tmp_path / "pairs.jsonl"
     run(tiny_model_dir, prompt_sets, out)
