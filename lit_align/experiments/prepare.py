@@ -134,6 +134,53 @@ def rule_category(prompt: str, rules: dict[str, re.Pattern]) -> Optional[str]:
     return next((c for c, pattern in rules.items() if pattern.search(prompt)), None)
 
 
+def compile_rules(category_rules: dict[str, str]) -> dict[str, re.Pattern]:
+    """Each SRMIR category's pattern compiled (case-insensitive); an unknown category or a bad pattern is an error."""
+    rules = {}
+    for category, pattern in category_rules.items():
+        if category not in CATEGORIES:
+            raise ValueError(f"filter-prompts: category_rules.{category}: not an SRMIR category ({list(CATEGORIES)})")
+        try:
+            rules[category] = re.compile(pattern, re.IGNORECASE)
+        except re.error as err:
+            raise ValueError(f"filter-prompts: category_rules.{category}: {pattern!r} is not a regular expression ({err})") from None
+    return rules
+
+
+def leave_out_evaluation_prompts(
+    sources: list[PromptSource], references: list[str], max_overlap: float, unmapped: Unmapped, keyword_rules: bool
+) -> tuple[list[dict], list[dict], dict[str, Counter]]:
+    """`(rows, excluded, counts)`: the sources' rows without the ones close to a reference and without
+    repeats; the excluded rows with the reference each is close to; per source read / excluded / repeated."""
+    from lit_align.data.refusal_pairs import near_duplicates
+    from lit_align.srmir.categories import read_prompt_source
+
+    rows, seen, counts, excluded = [], set(), defaultdict(Counter), []
+    for source in sources:
+        read, _ = read_prompt_source(source, unmapped, "classify", keyword_rules)
+        name = Path(source.path).name
+        counts[name]["read"] += len(read)
+        for row, hit in zip(read, near_duplicates([r["prompt"] for r in read], references, max_overlap)):
+            key = " ".join(row["prompt"].lower().split())
+            if hit is not None:
+                counts[name]["excluded"] += 1
+                excluded.append({"prompt": row["prompt"], "source": name, "close_to": hit})
+            elif key in seen:
+                counts[name]["repeated"] += 1
+            else:
+                seen.add(key)
+                rows.append(row)
+    return rows, excluded, counts
+
+
+def label_by_rules(rows: list[dict], rules: dict[str, re.Pattern]) -> None:
+    """Mark where each row's category came from; an unlabelled row takes the first rule it matches."""
+    for row in rows:
+        row["category_from"] = "label" if row["category"] is not None else None
+        if row["category"] is None and (category := rule_category(row["prompt"], rules)) is not None:
+            row["category"], row["category_from"] = category, "rule"
+
+
 def filter_prompts(
     sources: list[PromptSource],
     exclude: list[PromptSetConfig],
@@ -164,42 +211,16 @@ def filter_prompts(
         unmapped: A source label missing from its mapping table: error, other or skip.
         keyword_rules: build-cod's mental-health keyword rule.
     """
-    from lit_align.data.refusal_pairs import near_duplicates
     from lit_align.eval.prompts import load_prompt_set
-    from lit_align.srmir.categories import read_prompt_source
 
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    rules = {}
-    for category, pattern in (category_rules or {}).items():
-        if category not in CATEGORIES:
-            raise ValueError(f"filter-prompts: category_rules.{category}: not an SRMIR category ({list(CATEGORIES)})")
-        try:
-            rules[category] = re.compile(pattern, re.IGNORECASE)
-        except re.error as err:
-            raise ValueError(f"filter-prompts: category_rules.{category}: {pattern!r} is not a regular expression ({err})") from None
+    rules = compile_rules(category_rules or {})
     references = [r["prompt"] for cfg in exclude for r in load_prompt_set(cfg)]
     if not references:
         raise ValueError("filter-prompts: `exclude` holds no prompts; name the evaluation sets to keep out")
-    rows, seen, counts, excluded = [], set(), defaultdict(Counter), []
-    for source in sources:
-        read, _ = read_prompt_source(source, unmapped, "classify", keyword_rules)
-        name = Path(source.path).name
-        counts[name]["read"] += len(read)
-        for row, hit in zip(read, near_duplicates([r["prompt"] for r in read], references, max_overlap)):
-            key = " ".join(row["prompt"].lower().split())
-            if hit is not None:
-                counts[name]["excluded"] += 1
-                excluded.append({"prompt": row["prompt"], "source": name, "close_to": hit})
-            elif key in seen:
-                counts[name]["repeated"] += 1
-            else:
-                seen.add(key)
-                rows.append(row)
-    for row in rows:
-        row["category_from"] = "label" if row["category"] is not None else None
-        if row["category"] is None and (category := rule_category(row["prompt"], rules)) is not None:
-            row["category"], row["category_from"] = category, "rule"
+    rows, excluded, counts = leave_out_evaluation_prompts(sources, references, max_overlap, unmapped, keyword_rules)
+    label_by_rules(rows, rules)
     write_output(Path(output), rows, excluded, counts)
     return {"sources": {k: dict(v) for k, v in counts.items()}, "categories": category_table(rows), "excluded": len(excluded)}
 
