@@ -108,6 +108,8 @@ def test_grpo_kill_and_resume_is_bit_exact(tiny_model_dir, shared_data, tmp_path
     assert background.returncode == 0, out[-3000:]
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
 
+    import lit_align.modules.grpo_config  # noqa: F401  (GRPO's option dataclasses: allowed in a weights-only load)
+
     resume_step = torch.load(part / "ckpts" / "last.ckpt", weights_only=True)["global_step"]
     assert 0 < resume_step <= kill_at
     killed_log = rows(part / "metrics.jsonl")
