@@ -16,8 +16,10 @@ Variants:
             whenever one row's nucleus is not in its top 64; float32
 * prealloc  as of HISTORY["prealloc"]: + KV cache in preallocated buffers, ended rows dropped from
             the forwards, top-p's wider search per row
-* lean      today's `sample_ids`, float32: + the shared prompt prefix's keys/values kept once and
-            read by shared-prefix attention (the ids of all three are compared)
+* shared    as of HISTORY["shared"]: + the shared prompt prefix's keys/values kept once and read by
+            shared-prefix attention
+* lean      today's `sample_ids`, float32: + the LM head in column blocks (`ChunkedHead`; the ids of
+            all four are compared)
 * int8      today's `sample_ids` on `int8_for_generation(model)` (opt-in; ids differ, see the JSON)
 * bf16      today's `sample_ids` on the model loaded in bfloat16 (`PolicyConfig(dtype="bfloat16")`)
 * bf16copy  today's `sample_ids` on the float32 model's bfloat16 copy (`SamplingConfig(dtype="bfloat16")`:
@@ -58,11 +60,12 @@ from bench import harness
 HISTORY = {  # variants that run lit_align/sampling.py as of a commit
     "before": "a771d31d57fe97e09f0f5fd70cb67aabe7bcdb70",  # the sampler this benchmark started from
     "prealloc": "44e95f7",  # + preallocated KV cache, ended rows dropped, top-p's wider search per row
+    "shared": "2ae1ee8",  # + shared-prefix attention (it registers the same attention function as today's)
 }
 HARMFUL = harness.ROOT.parent / "shared" / "data" / "refusal_direction" / "harmful_train.json"
 ROWS, NEW_TOKENS = 32, 96
 CONFIGS = {"sample": dict(temperature=0.7, top_p=0.95), "greedy": dict(temperature=0.0)}
-VARIANTS = ("before", "prealloc", "lean", "int8", "bf16", "bf16copy")
+VARIANTS = ("before", "prealloc", "shared", "lean", "int8", "bf16", "bf16copy")
 
 
 # ---------------------------------------------------------------------------- samplers and models
@@ -247,9 +250,10 @@ def time_all(name: str, variants: list[str], repeats: int, quick: bool) -> dict:
             before = outputs[config, "before"]
             row["same_ids_as_before"] = before.shape == ids_v.shape and bool(torch.equal(before, ids_v))
             row["rows_same_as_before"] = rows_equal(before, ids_v, tokenizer.eos_token_id)
-        if v in ("int8", "bf16", "bf16copy") and "lean" in variants:
+        if v != "lean" and "lean" in variants:
             row["rows_same_as_lean"] = rows_equal(outputs[config, "lean"], ids_v, tokenizer.eos_token_id)
             row["first_difference_vs_lean"] = first_differences(outputs[config, "lean"], ids_v, tokenizer.eos_token_id)
+        if v in ("int8", "bf16", "bf16copy") and "lean" in variants:
             row["vs_float32_along_lean_samples"] = divergence(found["lean"][1], model, ids, mask, outputs[config, "lean"], tokenizer.eos_token_id)
         row["valid_cod"] = sum(is_valid_cod(t) for t in tokenizer.batch_decode(ids_v, skip_special_tokens=True))
         rows.append(row)
@@ -339,10 +343,12 @@ def profile(name: str, variant: str, quick: bool) -> None:
 
 
 def main() -> None:
+    global NEW_TOKENS
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, from {VARIANTS}")
     parser.add_argument("--repeats", type=int, default=5, help="timed rounds after one warm-up round")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--new-tokens", type=int, default=NEW_TOKENS, help="tokens generated per row (the workload's 96)")
     parser.add_argument("--quick", action="store_true", help="the tiny test model, 1 repeat, no RSS runs")
     parser.add_argument("--no-rss", action="store_true", help="skip the peak-RSS run of each variant")
     parser.add_argument("--rss-only", action="store_true", help="only the peak-RSS runs (bench/results/sampler_rss.json)")
@@ -356,6 +362,7 @@ def main() -> None:
     if a.rss_only and a.no_rss:
         parser.error("--rss-only and --no-rss: choose one")
     torch.set_num_threads(a.threads)
+    NEW_TOKENS = a.new_tokens
     if a.worker:
         return harness.print_result(rss_worker(a.model, a.worker, a.quick))
     with tempfile.TemporaryDirectory() as tmp:
@@ -368,7 +375,7 @@ def main() -> None:
             return profile(name, a.profile, a.quick)
         info = harness.machine()
         # Before this process loads a model: a forked child's peak RSS starts at its parent's size.
-        rss = {} if a.no_rss else {v: harness.run_isolated("bench.sampler", ["--worker", v, "--model", name, "--threads", str(a.threads)])["peak_rss_mb"]
+        rss = {} if a.no_rss else {v: harness.run_isolated("bench.sampler", ["--worker", v, "--model", name, "--threads", str(a.threads), "--new-tokens", str(a.new_tokens)])["peak_rss_mb"]
                                    for v in variants}
         if a.rss_only:
             rows = [{"variant": v, "peak RSS MB": mb} for v, mb in rss.items()]

@@ -14,7 +14,8 @@ each decoded token. This loop does only what `SamplingConfig` asks for:
         y_t   = pad where the row already ended     # rows stop at their first EOS
         stop when every row has ended (never early under torch.distributed: ranks step together)
         drop ended rows from the forwards once they are 1/8 of the rows computed
-        logits = forward(y_t, cache)                # keys/values written in place
+        logits = forward(y_t, cache)                # keys/values written in place; the LM head in
+                                                    # column blocks (ChunkedHead: same logits, faster)
 
 A shared prefix is common: a chat template's system prompt, or a worked example shown before every
 request (SRMIR's one-shot CoD prompt is 211 SmolLM2 tokens, of which the request is the last ~40).
@@ -204,14 +205,18 @@ def shared_prefix_attention(module, query, key, value, attention_mask, scaling=N
 AttentionInterface.register(SHARED_PREFIX_ATTENTION, shared_prefix_attention)
 
 
-def attention_view(model, implementation: str):
+def attention_view(model, implementation: str, replace: Optional[dict] = None):
     """`model` with another attention implementation, without changing `model`: a tree of shallow
     module copies sharing its parameters, buffers and hooks, whose config is a copy naming
-    `implementation`. None when a module reads a config other than the model's (then it would not)."""
+    `implementation`, with `replace`'s modules ({module of `model`: stand-in}) swapped in. None when
+    a module reads a config other than the model's (then it would not)."""
     config = copy.copy(model.config)
     config._attn_implementation_internal = implementation
+    replace = replace or {}
 
     def view(module):
+        if module in replace:
+            return replace[module]
         own = module.__dict__.get("config")
         if isinstance(own, PretrainedConfig) and own is not model.config:
             raise LookupError
@@ -227,19 +232,66 @@ def attention_view(model, implementation: str):
         return None
 
 
+HEAD_CHUNK = 1024  # LM-head output columns per matmul (measured on SmolLM2: 1024 and 512 alike, 4096+ slower)
+
+
+class ChunkedHead(torch.nn.Module):
+    """A float32 LM head (`nn.Linear`) computed HEAD_CHUNK output columns at a time, into one logits
+    tensor: each logit is the same dot product over the same hidden vector, so the values equal the
+    head's own (tests/test_sampling.py). On a CPU the one matmul over a 49k vocabulary runs ~25-35 %
+    slower at 4-32 rows than its blocks, whose outputs stay in cache (docs/benchmarks.md); one row is
+    left to the head (a matrix-vector product, faster whole)."""
+
+    def __init__(self, head: torch.nn.Linear):
+        super().__init__()
+        self.head = head
+
+    def forward(self, x: Tensor) -> Tensor:
+        weight, bias = self.head.weight, self.head.bias
+        rows = x.reshape(-1, x.shape[-1])
+        if len(rows) < 2:
+            return self.head(x)
+        out = rows.new_empty(len(rows), len(weight))
+        for start in range(0, len(weight), HEAD_CHUNK):
+            part = slice(start, start + HEAD_CHUNK)
+            if bias is None:
+                torch.mm(rows, weight[part].t(), out=out[:, part])
+            else:
+                torch.addmm(bias[part], rows, weight[part].t(), out=out[:, part])
+        return out.view(*x.shape[:-1], len(weight))
+
+
+def chunkable_head(model) -> Optional[torch.nn.Linear]:
+    """`model`'s LM head when `ChunkedHead` may stand in for it: a plain float32 `nn.Linear` on the
+    CPU without hooks of its own (which the stand-in would skip); else None."""
+    head = model.get_output_embeddings()
+    if type(head) is not torch.nn.Linear or head.weight.dtype != torch.float32 or head.weight.device.type != "cpu":
+        return None
+    hooked = head._forward_hooks or head._forward_pre_hooks or hasattr(head, "_hf_hook")
+    return None if hooked else head
+
+
 class Decoder:
     """The decode loop's forwards: one token for each row still computed, over a cache with room for
     every step (`PreallocatedLayer`) and a key mask written once. With sdpa and a prompt prefix all
-    rows share, that prefix's keys and values are kept once and read by `shared_prefix_attention`."""
+    rows share, that prefix's keys and values are kept once and read by `shared_prefix_attention`;
+    a float32 LM head on the CPU runs in column blocks (`ChunkedHead`, same logits). Both on a view
+    of the model (`attention_view`): the model itself is not changed."""
 
     def __init__(self, model, cache: DynamicCache, mask: Tensor, position: Tensor, prefix: int, steps: int):
         plain = bool(cache.layers) and all(type(x) is DynamicLayer and x.is_initialized for x in cache.layers)
         sdpa = model.config._attn_implementation == "sdpa"
         distributed = torch.distributed.is_available() and torch.distributed.is_initialized()  # e.g. FSDP's hooks
-        view = attention_view(model, SHARED_PREFIX_ATTENTION) if plain and sdpa and prefix and not distributed else None
+        shared = plain and sdpa and bool(prefix) and not distributed
+        head = None if distributed else chunkable_head(model)
+        view = None
+        if shared or head is not None:
+            implementation = SHARED_PREFIX_ATTENTION if shared else model.config._attn_implementation
+            view = attention_view(model, implementation, {head: ChunkedHead(head)} if head is not None else None)
+        shared = shared and view is not None
         self.model, self.cache, self.position = view or model, cache, position
-        self.shared = [(x.keys[0, :, :prefix].clone(), x.values[0, :, :prefix].clone()) for x in cache.layers] if view else None
-        skip = prefix if view else 0
+        self.shared = [(x.keys[0, :, :prefix].clone(), x.values[0, :, :prefix].clone()) for x in cache.layers] if shared else None
+        skip = prefix if shared else 0
         for i, layer in enumerate(cache.layers if plain else []):  # one at a time: the old layer is freed at once
             cache.layers[i] = PreallocatedLayer(layer, steps, skip)
         # A one-token query needs only the key padding mask: handing sdpa a ready 4-D mask skips
