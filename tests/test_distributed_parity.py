@@ -107,7 +107,8 @@ def grpo_runs(tiny_model_dir, tmp_path_factory):
     common = {
         "seed_everything": 0,
         "trainer": {"accelerator": "cpu", "max_steps": 2, "limit_val_batches": 0, "val_check_interval": None,
-                    "logger": False, "enable_progress_bar": False, "enable_checkpointing": False},
+                    "logger": False, "enable_progress_bar": False, "enable_checkpointing": False,
+                    "default_root_dir": str(tmp)},  # where LightningCLI saves config.yaml (not the repository)
         "model": {"class_path": "parity.PerPromptSeedGRPO", "init_args": {
             "policy": {"name_or_path": str(tiny_model_dir), "lora": {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}},
             "reward_funcs": ["parity:length_reward"], "sampling": {"num_generations": 2, "max_new_tokens": 12,

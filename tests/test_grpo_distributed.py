@@ -36,7 +36,8 @@ def runs(tiny_model_dir, tmp_path_factory):
     common = {
         "seed_everything": 0,
         "trainer": {"accelerator": "cpu", "max_steps": 4, "limit_val_batches": 0, "val_check_interval": None,
-                    "logger": False, "enable_progress_bar": False, "enable_checkpointing": False},
+                    "logger": False, "enable_progress_bar": False, "enable_checkpointing": False,
+                    "default_root_dir": str(tmp)},  # where LightningCLI saves config.yaml (not the repository)
         "model": {"class_path": "fixed_rollouts.FixedRolloutGRPO", "init_args": {
             "policy": {"name_or_path": str(tiny_model_dir)},
             "reward_funcs": ["fixed_rollouts:length_reward"], "sampling": {"num_generations": G, "max_new_tokens": 20},
