@@ -113,7 +113,7 @@ def test_unknown_category_names_file_row_and_field():
 def test_probe_of_the_wrong_hidden_size(tiny_model_dir, tmp_path):
     from lit_align.models import PolicyConfig
     from lit_align.modules.dpo import DPOModule
-    from lit_align.probes.hybrid import build_probe
+    from lit_align.probes.probe import build_probe
 
     probe = build_probe("hybrid", 16, [1, 2]).save(tmp_path / "probe_h16.safetensors")
     module = DPOModule(PolicyConfig(name_or_path=str(tiny_model_dir)), probe_path=str(probe))
@@ -199,7 +199,7 @@ SUBCOMMAND_ERRORS = [
 @pytest.mark.parametrize("extra,line", SUBCOMMAND_ERRORS, ids=["parser", "config_error"])
 def test_subcommand_config_mistake_is_one_line(extra, line, tiny_model_dir, tmp_path, capsys):
     from lit_align.cli import main
-    from lit_align.probes.hybrid import build_probe
+    from lit_align.probes.probe import build_probe
 
     data = tmp_path / "candidates.jsonl"
     data.write_text('{"prompt": "Hi?", "candidates": ["Hello.", "Go away."]}\n')

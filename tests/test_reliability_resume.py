@@ -55,7 +55,7 @@ def assert_stitched_logs_equal(full: list, killed: list, resumed: list, resume_s
 
 @pytest.fixture(scope="module")
 def probe_file(tmp_path_factory, tiny_model_dir):
-    from lit_align.probes.hybrid import build_probe
+    from lit_align.probes.probe import build_probe
 
     torch.manual_seed(1)
     probe = build_probe("hybrid", 32, [1, 2])

@@ -27,7 +27,7 @@ from lit_align.losses.probe import bce_loss, pairwise_margin_loss
 from lit_align.models import PolicyConfig, load_causal_lm, load_tokenizer, resolve_name
 from lit_align.modules.base import AlignModule
 from lit_align.probes.features import cached_features, resolve_layers
-from lit_align.probes.hybrid import PROBES, MeanDiffProbe, build_probe
+from lit_align.probes.probe import PROBES, MeanDiffProbe, build_probe
 from lit_align.probes.report import per_layer_table, write_table
 
 log = logging.getLogger(__name__)

@@ -2,7 +2,7 @@
 
 from lit_align.probes.confidence import batch_confidence, pair_confidence
 from lit_align.probes.features import cached_features, extract_features, select_features
-from lit_align.probes.hybrid import HybridProbe, LogisticProbe, MeanDiffProbe, Probe, build_probe, load_probe
+from lit_align.probes.probe import HybridProbe, LogisticProbe, MeanDiffProbe, Probe, build_probe, load_probe
 from lit_align.probes.rerank import ConfidenceReRanker
 
 __all__ = [

@@ -21,7 +21,7 @@ from lit_align.data.formats import Format
 from lit_align.generation import SamplingConfig
 from lit_align.models import PolicyConfig
 from lit_align.probes.features import encode_texts, extract_features
-from lit_align.probes.hybrid import Probe
+from lit_align.probes.probe import Probe
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ class ProbeScorer:
     @classmethod
     def from_files(cls, policy: PolicyConfig, probe_path: str | Path, **kwargs) -> "ProbeScorer":
         from lit_align.models import load_causal_lm, load_tokenizer
-        from lit_align.probes.hybrid import load_probe
+        from lit_align.probes.probe import load_probe
 
         model = load_causal_lm(policy).eval().requires_grad_(False)
         probe = load_probe(probe_path, expected_hidden_size=model.config.hidden_size, expected_num_layers=model.config.num_hidden_layers)

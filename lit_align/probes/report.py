@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from lit_align.probes.hybrid import MeanDiffProbe, Probe
+from lit_align.probes.probe import MeanDiffProbe, Probe
 
 
 def _auroc(scores: Tensor, labels: Tensor) -> float:

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from lit_align.losses.probe import bce_loss, pairwise_margin_loss
-from lit_align.probes.hybrid import MeanDiffProbe, Probe
+from lit_align.probes.probe import MeanDiffProbe, Probe
 
 
 def fit_probe(
