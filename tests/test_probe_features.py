@@ -62,6 +62,9 @@ def test_cache_reuse_and_invalidation(tiny, tmp_path):
             weight.copy_(original)
     assert cached_features(model, ids, [1, 2], **kwargs)[1]  # the original weights hit the cache again
     assert len(list(tmp_path.glob("*.safetensors"))) == 5
+    assert cached_features(model, ids, [1, 2], batch_size=1, desc="other", **kwargs)[1]  # extraction options: same key
+    with pytest.raises(TypeError, match="batchsize"):  # a misspelt option fails on a cache hit as on a miss
+        cached_features(model, ids, [1, 2], batchsize=1, **kwargs)
 
 
 def load_instructions(shared_data, n):

@@ -301,7 +301,8 @@ class ProbeRefusalJudge(Judge):
         ids = encode_texts(tokenizer, list(prompts), list(responses), max_length)
         layers = list(range(num_hidden_layers(model) + 1))
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        features, _ = cached_features(model, ids, layers, pooling, batch_size, pad, cache_dir, progress, "refusal features")
+        features, _ = cached_features(model, ids, layers, pooling, cache_dir=cache_dir, batch_size=batch_size,
+                                      pad_token_id=pad, progress=progress, desc="refusal features")
         return features
 
     @torch.no_grad()

@@ -123,8 +123,8 @@ class ProbeModule(AlignModule):
             self.features[split] = {}
             for side, ids_of in sides[self.mode].items():
                 feats, reused = cached_features(
-                    backbone, [ids_of(e) for e in examples], self.layers, self.probe.pooling,
-                    self.feature_batch_size, pad, self.cache_dir, desc=f"features {split}/{side}",
+                    backbone, [ids_of(e) for e in examples], self.layers, self.probe.pooling, cache_dir=self.cache_dir,
+                    batch_size=self.feature_batch_size, pad_token_id=pad, desc=f"features {split}/{side}",
                 )
                 self.features[split][side] = feats
                 self.reused[f"{split}/{side}"] = reused

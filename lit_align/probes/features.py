@@ -9,11 +9,12 @@ backbone over token-id sequences once and stores the result under a fingerprint 
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import logging
 import os
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -176,23 +177,25 @@ def cached_features(
     input_ids: Sequence[Sequence[int]],
     layers: list[int],
     pooling: str = "last",
-    batch_size: int = 16,
-    pad_token_id: int = 0,
+    *,
     cache_dir: Optional[str | Path] = None,
-    progress: bool = True,
-    desc: str = "features",
+    **extract_options: Any,
 ) -> tuple[Tensor, bool]:
-    """`(features, reused)`: features from `cache_dir` when the fingerprint matches, else
-    extracted with `extract_features` and stored. `cache_dir=None` uses the lit_align cache."""
+    """`(features, reused)`: features from `cache_dir` when the fingerprint of (model, input_ids,
+    layers, pooling) matches, else extracted with `extract_features` and stored. `cache_dir=None`
+    uses the lit_align cache. `extract_options` go to `extract_features` (batch_size,
+    pad_token_id, progress, desc) and are not part of the cache key."""
     from safetensors.torch import load_file, save_file
 
+    # a misspelt option fails on a cache hit too, not only when extracting
+    inspect.signature(extract_features).bind(model, input_ids, layers, pooling, **extract_options)
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     key = features_fingerprint(parameters_fingerprint(model), input_ids, layers, pooling)
     path = cache / f"{key}.safetensors"
     if path.is_file():
         log.info("reusing cached features %s", path)
         return load_file(str(path))["features"], True
-    features = extract_features(model, input_ids, layers, pooling, batch_size, pad_token_id, progress, desc)
+    features = extract_features(model, input_ids, layers, pooling, **extract_options)
     cache.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".{os.getpid()}.tmp")  # ranks may extract at the same time
     meta = {"layers": json.dumps(layers), "pooling": pooling, "rows": str(len(input_ids))}
