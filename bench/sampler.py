@@ -396,7 +396,7 @@ def main() -> None:
             "% memory ceiling (CPU)": 100 * row["tokens_per_s_cpu"] / row["memory_ceiling_cpu"],
             "peak RSS MB": row.get("peak_rss_mb"),
         })
-    name = "sampler_quick" if a.quick else "sampler"
+    name = ("sampler_quick" if a.quick else "sampler") + ("" if a.new_tokens == parser.get_default("new_tokens") else f"_{a.new_tokens}tokens")
     harness.report(name, {"machine": info, "args": vars(a), **result}, table, list(table[0]))
 
 

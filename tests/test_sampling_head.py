@@ -50,8 +50,10 @@ def test_chunked_head_gives_the_heads_logits(monkeypatch, bias, rows):
         assert out.shape == (rows, 1, 2500) and torch.equal(out, head(x))
 
 
-def test_only_plain_float32_heads_are_chunked(tiny):
+def test_only_plain_float32_heads_wider_than_a_block_are_chunked(tiny, monkeypatch):
     model, _ = tiny
+    assert model.config.vocab_size <= sampling_module.HEAD_CHUNK and chunkable_head(model) is None
+    monkeypatch.setattr(sampling_module, "HEAD_CHUNK", 100)
     assert chunkable_head(model) is model.lm_head
     assert chunkable_head(AutoModelForCausalLM.from_config(model.config).to(torch.bfloat16)) is None
     hooked = AutoModelForCausalLM.from_config(model.config)
