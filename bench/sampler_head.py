@@ -1,4 +1,4 @@
-"""The decode loop's LM head in column blocks (lit_align.sampling.ChunkedHead) against the one matmul.
+"""The decode loop's LM head in column blocks (lit_align.generation_linear.ChunkedHead) against the one matmul.
 
     python -m bench.sampler_head            # SmolLM2-135M-Instruct's head and decode loop, 1 thread
     python -m bench.sampler_head --quick    # the tiny test model in 128-column blocks (seconds)
@@ -92,10 +92,10 @@ def main() -> None:
 
         from lit_align.testing import make_tiny_model
 
-        from lit_align import sampling
+        from lit_align import generation_linear
 
         name = str(make_tiny_model(Path(tempfile.mkdtemp()) / "tiny"))
-        sampling.HEAD_CHUNK = 128  # the tiny vocabulary (~500) in several blocks
+        generation_linear.HEAD_CHUNK = 128  # the tiny vocabulary (~500) in several blocks
     model, tokenizer = load(name)
     info = harness.machine()
     with torch.no_grad():

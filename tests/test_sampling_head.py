@@ -1,4 +1,4 @@
-"""The decode loop's LM head in column blocks (lit_align.sampling.ChunkedHead): the same logits as
+"""The decode loop's LM head in column blocks (lit_align.generation_linear.ChunkedHead): the same logits as
 the head, so greedy ids still equal transformers `generate` and a seed still gives the same samples."""
 
 from __future__ import annotations
@@ -7,9 +7,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+import lit_align.generation_linear as linear_module
 import lit_align.sampling as sampling_module
 from lit_align.generation import HFGenerator, SamplingConfig
-from lit_align.sampling import ChunkedHead, LeanGenerator, chunkable_head, sample_ids
+from lit_align.generation_linear import ChunkedHead, chunkable_head
+from lit_align.sampling import LeanGenerator, sample_ids
 
 PROMPTS = [
     "Human: How do I keep my sourdough starter alive while I am away for two weeks?\n\nAssistant:",
@@ -43,8 +45,8 @@ def test_chunked_head_gives_the_heads_logits(monkeypatch, bias, rows):
     torch.manual_seed(0)
     head = torch.nn.Linear(96, 2500, bias=bias)
     x = torch.randn(rows, 1, 96)
-    for chunk in (sampling_module.HEAD_CHUNK, 300):
-        monkeypatch.setattr(sampling_module, "HEAD_CHUNK", chunk)
+    for chunk in (linear_module.HEAD_CHUNK, 300):
+        monkeypatch.setattr(linear_module, "HEAD_CHUNK", chunk)
         with torch.no_grad():
             out = ChunkedHead(head)(x)
         assert out.shape == (rows, 1, 2500) and torch.equal(out, head(x))
@@ -52,8 +54,8 @@ def test_chunked_head_gives_the_heads_logits(monkeypatch, bias, rows):
 
 def test_only_plain_float32_heads_wider_than_a_block_are_chunked(tiny, monkeypatch):
     model, _ = tiny
-    assert model.config.vocab_size <= sampling_module.HEAD_CHUNK and chunkable_head(model) is None
-    monkeypatch.setattr(sampling_module, "HEAD_CHUNK", 100)
+    assert model.config.vocab_size <= linear_module.HEAD_CHUNK and chunkable_head(model) is None
+    monkeypatch.setattr(linear_module, "HEAD_CHUNK", 100)
     assert chunkable_head(model) is model.lm_head
     assert chunkable_head(AutoModelForCausalLM.from_config(model.config).to(torch.bfloat16)) is None
     hooked = AutoModelForCausalLM.from_config(model.config)
@@ -82,7 +84,7 @@ def test_greedy_with_the_chunked_head_equals_generate(tiny, monkeypatch, bias):
     model, tokenizer = tiny
     if bias:
         model = with_head_bias(model, tokenizer.eos_token_id, 0.1)
-    monkeypatch.setattr(sampling_module, "HEAD_CHUNK", 100)  # several blocks over the tiny vocabulary
+    monkeypatch.setattr(linear_module, "HEAD_CHUNK", 100)  # several blocks over the tiny vocabulary
     assert model.config.vocab_size > 300
     hf, lean = HFGenerator(model, tokenizer), LeanGenerator(model, tokenizer)
     ids, mask = hf.encode_prompts(PROMPTS)
@@ -101,7 +103,7 @@ def test_seeded_samples_are_those_of_the_plain_head(tiny, monkeypatch):
     model = with_head_bias(model, tokenizer.eos_token_id, 1.0)
     ids, mask = LeanGenerator(model, tokenizer).encode_prompts(PROMPTS)
     sampling = SamplingConfig(max_new_tokens=40, temperature=1.0, top_p=0.9)
-    monkeypatch.setattr(sampling_module, "HEAD_CHUNK", 100)
+    monkeypatch.setattr(linear_module, "HEAD_CHUNK", 100)
 
     def run():
         return sample_ids(model, ids, mask, sampling, 4, tokenizer.eos_token_id, tokenizer.pad_token_id,
