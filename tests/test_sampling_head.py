@@ -114,3 +114,17 @@ def test_seeded_samples_are_those_of_the_plain_head(tiny, monkeypatch):
     monkeypatch.setattr(sampling_module, "chunkable_head", lambda model: None)
     plain, no_calls = decoded_rows(model, run)
     assert not no_calls and torch.equal(chunked, plain)
+
+
+def test_greedy_with_eager_attention_and_the_chunked_head_equals_generate(tiny_model_dir, monkeypatch):
+    """Without sdpa (no shared-prefix attention) the head still runs in blocks, on a view of the model."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="eager").eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    monkeypatch.setattr(linear_module, "HEAD_CHUNK", 100)
+    hf, lean = HFGenerator(model, tokenizer), LeanGenerator(model, tokenizer)
+    ids, mask = hf.encode_prompts(PROMPTS)
+    sampling = SamplingConfig(max_new_tokens=16, temperature=0.0)
+    out, calls = decoded_rows(model, lambda: lean.generate_ids(ids, mask, sampling))
+    assert len(calls) == 15 and model.config._attn_implementation == "eager"
+    assert isinstance(model.lm_head, torch.nn.Linear)  # the model itself keeps its head
+    assert torch.equal(out.completion_ids, hf.generate_ids(ids, mask, sampling).completion_ids)
