@@ -5,7 +5,7 @@
 
 Identical weights, the same real HH-RLHF prompts (only prompts shorter than --max-prompt tokens,
 so neither side truncates), G = 4 completions of at most 32 new tokens sampled at temperature 1
-by each side's default sampler (lit_align: `lit_align.sampling`, TRL: transformers `generate`),
+by each side's default sampler (lit_align: `lit_align.generation.lean`, TRL: transformers `generate`),
 the same plain-Python reward function, loss "dapo", β = 0 (no
 reference model; both libraries' default), float32, no gradient checkpointing, AdamW(lr=1e-6,
 weight_decay=0), gradient-norm clipping at 1.0.

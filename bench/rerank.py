@@ -11,7 +11,7 @@ Per batch of 8 real HH-RLHF pairs (the same batches as bench.dpo):
   ConfidenceReRanker's decision, on that forward's own hidden states. Timed alone, interleaved
   with the steps; reported as a fraction of the DPO step median.
 * Online sampling (what re-ranking replaces): for the batch's 8 prompts, 8 samples of 256 new
-  tokens each with the package's fastest sampler (`lit_align.sampling.LeanGenerator`: each
+  tokens each with the package's fastest sampler (`lit_align.generation.LeanGenerator`: each
   prompt prefilled once, KV cache, temperature 1) plus scoring the 64 samples with a model of
   the policy's size (the policy's forward with hidden states + the probe, standing in for a
   reward model).
@@ -96,9 +96,8 @@ def rerank_of(module, reranker, batch):
 
 def online_of(module, a, generated_tokens: list):
     """Online sampling of a batch's prompts (LeanGenerator) and scoring every sample with a policy-sized model."""
-    from lit_align.generation import SamplingConfig
+    from lit_align.generation import LeanGenerator, SamplingConfig
     from lit_align.probes.features import select_features
-    from lit_align.sampling import LeanGenerator
 
     generator = LeanGenerator(module.policy, module.tokenizer)
     sampling = SamplingConfig(max_new_tokens=a.new_tokens, temperature=1.0)
@@ -152,7 +151,7 @@ def summarise(a, watch: harness.Stopwatch, generated_tokens: list) -> tuple[dict
     result = {
         "config": a.config,
         "args": vars(a),
-        "sampler": "lit_align.sampling.LeanGenerator",
+        "sampler": "lit_align.generation.LeanGenerator",
         "dpo_step_with_probe": step,
         "rerank_overhead": rr,
         "online_sampling": on,

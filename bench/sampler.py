@@ -1,4 +1,4 @@
-"""Lean sampler throughput (lit_align.sampling) on SmolLM2-135M, against this machine's limits measured in the same run.
+"""Lean sampler throughput (lit_align.generation.lean) on SmolLM2-135M, against this machine's limits measured in the same run.
 
     python -m bench.sampler                        # SmolLM2-135M-Instruct, 32 one-shot CoD prompts, 96 new tokens
     python -m bench.sampler --quick                # the tiny test model, 1 repeat: seconds (CI)
@@ -11,7 +11,7 @@ the first 32 harmful prompts of refusal_direction/harmful_train.json, left-padde
 96 new tokens; configs `sample` (temperature 0.7, top-p 0.95, generator seed 0) and `greedy`.
 
 Variants:
-* before    `lit_align/sampling.py` as of HISTORY["before"] (read from git): DynamicCache grown by
+* before    the sampler's file as of HISTORY["before"] (read from git): DynamicCache grown by
             concatenation, every row computed to the end, top-p's full sort for the whole batch
             whenever one row's nucleus is not in its top 64; float32
 * prealloc  as of HISTORY["prealloc"]: + KV cache in preallocated buffers, ended rows dropped from
@@ -57,7 +57,8 @@ import torch
 
 from bench import harness
 
-HISTORY = {  # variants that run lit_align/sampling.py as of a commit
+SAMPLER_AT_HISTORY = "lit_align/sampling.py"  # the lean sampler's file at these commits (since moved to generation/lean.py)
+HISTORY = {  # variants that run the sampler's file as of a commit
     "before": "a771d31d57fe97e09f0f5fd70cb67aabe7bcdb70",  # the sampler this benchmark started from
     "prealloc": "44e95f7",  # + preallocated KV cache, ended rows dropped, top-p's wider search per row
     "shared": "2ae1ee8",  # + shared-prefix attention (it registers the same attention function as today's)
@@ -70,9 +71,9 @@ VARIANTS = ("before", "prealloc", "shared", "lean", "int8", "bf16", "bf16copy")
 
 # ---------------------------------------------------------------------------- samplers and models
 def module_at(variant: str):
-    """`lit_align.sampling` as of HISTORY[variant], from `git show`, imported as a module of its own."""
+    """The sampler's module as of HISTORY[variant], from `git show`, imported as a module of its own."""
     commit = HISTORY[variant]
-    proc = subprocess.run(["git", "show", f"{commit}:lit_align/sampling.py"], cwd=harness.ROOT, capture_output=True, text=True)
+    proc = subprocess.run(["git", "show", f"{commit}:{SAMPLER_AT_HISTORY}"], cwd=harness.ROOT, capture_output=True, text=True)
     if proc.returncode:
         raise SystemExit(f"variant {variant!r} needs git history with commit {commit}: {proc.stderr.strip()} "
                          "(leave it out with --variants)")
@@ -94,7 +95,7 @@ def load(name: str, dtype: str = "float32"):
 def samplers(name: str, variants: list[str]) -> tuple[dict, object]:
     """{variant: (sample_ids function, model)} and the tokenizer. The float32 model is loaded only
     when a variant needs it; int8 quantises it in place when no other variant does (as a user would)."""
-    from lit_align import sampling
+    from lit_align.generation import int8_for_generation, sample_ids
 
     models: dict = {}
 
@@ -108,12 +109,12 @@ def samplers(name: str, variants: list[str]) -> tuple[dict, object]:
         if v in HISTORY:
             out[v] = (module_at(v).sample_ids, float32())
         elif v == "lean":
-            out[v] = (sampling.sample_ids, float32())
+            out[v] = (sample_ids, float32())
         elif v == "int8":
-            out[v] = (sampling.sample_ids, sampling.int8_for_generation(float32() if variants == ["int8"] else copy.deepcopy(float32())))
+            out[v] = (sample_ids, int8_for_generation(float32() if variants == ["int8"] else copy.deepcopy(float32())))
         elif v == "bf16":
             models["bfloat16"] = load(name, "bfloat16")
-            out[v] = (sampling.sample_ids, models["bfloat16"][0])
+            out[v] = (sample_ids, models["bfloat16"][0])
         elif v == "bf16copy":
             out[v] = bf16_copy(float32())
     return out, next(iter(models.values()))[1]
@@ -123,8 +124,7 @@ def bf16_copy(model) -> tuple:
     """(sample_ids on `SamplingConfig(dtype="bfloat16")`'s copy of `model`, refreshed at every call; the copy)."""
     from dataclasses import replace
 
-    from lit_align.generation import Generator, SamplingConfig
-    from lit_align.sampling import sample_ids
+    from lit_align.generation import Generator, SamplingConfig, sample_ids
 
     holder = Generator()
     holder.model = model
@@ -137,7 +137,7 @@ def bf16_copy(model) -> tuple:
 
 
 def prompts(tokenizer, quick: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    from lit_align.sampling import LeanGenerator
+    from lit_align.generation import LeanGenerator
     from lit_align.srmir.cod import cod_messages
 
     if not HARMFUL.exists():
@@ -176,7 +176,7 @@ def limits(quick: bool) -> dict:
 def weight_bytes(model) -> int:
     """Bytes of the weights one decode step reads: every parameter and Int8Linear buffer, except an
     input embedding not shared with the LM head (a step reads only its rows' entries)."""
-    from lit_align.sampling import Int8Linear
+    from lit_align.generation import Int8Linear
 
     tensors = {id(p): p for p in model.parameters()}
     tensors.update({id(m.weight_t): m.weight_t for m in model.modules() if isinstance(m, Int8Linear)})
@@ -190,8 +190,8 @@ def decode_step_flops(model, ids: torch.Tensor, mask: torch.Tensor) -> int:
     """Matmul FLOPs (FlopCounterMode) of one decode step of all rows, right after the prompt."""
     from transformers import DynamicCache
 
+    from lit_align.generation.decoder import MIN_SHARED_PREFIX, prefill
     from lit_align.models import kv_cache
-    from lit_align.sampling import MIN_SHARED_PREFIX, prefill
 
     with torch.no_grad():
         cache = DynamicCache(config=model.config)
@@ -313,7 +313,7 @@ def profile(name: str, variant: str, quick: bool) -> None:
     from torch.profiler import profile as torch_profile
     from transformers import DynamicCache
 
-    from lit_align.sampling import MIN_SHARED_PREFIX, prefill
+    from lit_align.generation.decoder import MIN_SHARED_PREFIX, prefill
 
     found, tokenizer = samplers(name, [variant])
     ids, mask = prompts(tokenizer, quick)

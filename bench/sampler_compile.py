@@ -46,7 +46,7 @@ def main() -> None:
     from transformers import DynamicCache, StaticCache
 
     from lit_align.models import kv_cache
-    from lit_align.sampling import Decoder
+    from lit_align.generation.decoder import Decoder
 
     model, _ = load("smollm2-135m-instruct")
     model.model.layers = model.model.layers[: a.layers]

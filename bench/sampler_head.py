@@ -1,4 +1,4 @@
-"""The decode loop's LM head in column blocks (lit_align.generation_linear.ChunkedHead) against the one matmul.
+"""The decode loop's LM head in column blocks (lit_align.generation.linear.ChunkedHead) against the one matmul.
 
     python -m bench.sampler_head            # SmolLM2-135M-Instruct's head and decode loop, 1 thread
     python -m bench.sampler_head --quick    # the tiny test model in 128-column blocks (seconds)
@@ -37,7 +37,7 @@ def summary(kind: str, rows: int, plain: list[float], chunked: list[float], **ex
 
 
 def head_alone(model, repeats: int) -> list[dict]:
-    from lit_align.sampling import ChunkedHead
+    from lit_align.generation.linear import ChunkedHead
 
     head, out = model.get_output_embeddings(), []
     chunked = ChunkedHead(head)
@@ -55,7 +55,8 @@ def head_alone(model, repeats: int) -> list[dict]:
 def decode_steps(model, tokenizer, repeats: int, quick: bool) -> list[dict]:
     from transformers import DynamicCache
 
-    from lit_align.sampling import MIN_SHARED_PREFIX, ChunkedHead, Decoder, prefill
+    from lit_align.generation.decoder import MIN_SHARED_PREFIX, Decoder, prefill
+    from lit_align.generation.linear import ChunkedHead
 
     ids, mask = prompts(tokenizer, quick)
     cache = DynamicCache(config=model.config)
@@ -90,12 +91,11 @@ def main() -> None:
         import tempfile
         from pathlib import Path
 
+        import lit_align.generation.linear as linear
         from lit_align.testing import make_tiny_model
 
-        from lit_align import generation_linear
-
         name = str(make_tiny_model(Path(tempfile.mkdtemp()) / "tiny"))
-        generation_linear.HEAD_CHUNK = 128  # the tiny vocabulary (~500) in several blocks
+        linear.HEAD_CHUNK = 128  # the tiny vocabulary (~500) in several blocks
     model, tokenizer = load(name)
     info = harness.machine()
     with torch.no_grad():

@@ -6,7 +6,7 @@ so that `import lit_align` stays cheap for the command line.
 
 from __future__ import annotations
 
-import importlib
+from lit_align.lazy import lazy_exports
 
 __version__ = "0.1.0"
 
@@ -67,6 +67,7 @@ _EXPORTS: dict[str, str] = {
     "refusal_reward": "lit_align.rewards",
     "route_by_category": "lit_align.rewards",
     "Generator": "lit_align.generation",
+    "LeanGenerator": "lit_align.generation",
     "evaluate": "lit_align.eval.evaluate",
     "PromptSetConfig": "lit_align.eval.prompts",
     "load_prompt_set": "lit_align.eval.prompts",
@@ -100,12 +101,4 @@ _EXPORTS: dict[str, str] = {
 
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'lit_align' has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted(list(globals()) + list(_EXPORTS))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -29,7 +29,7 @@ def bench(script: str, *args: str, results: Path) -> dict:
 def test_bench_rerank_quick(shared_data, tmp_path):
     r = bench("rerank", "--steps", "2", "--warmup", "1", "--samples", "2", "--new-tokens", "8",
               "--sampling-repeats", "2", results=tmp_path)
-    assert r["sampler"] == "lit_align.sampling.LeanGenerator"
+    assert r["sampler"] == "lit_align.generation.LeanGenerator"
     assert r["dpo_step_with_probe"]["n"] == 2 and r["online_sampling"]["n"] == 2
     assert r["rerank_interleaved_with_sampling"]["n"] == 2  # one re-ranking per sampling run
     assert 0 < r["generated_tokens_per_batch"] <= r["generated_tokens_expected"] == 8 * 2 * 8

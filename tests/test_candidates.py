@@ -8,11 +8,10 @@ import torch
 
 from lit_align.cli import main
 from lit_align.data.formats import BadRowError, split_hh_transcript
-from lit_align.generation import SamplingConfig
+from lit_align.generation import LeanGenerator, SamplingConfig
 from lit_align.models import PolicyConfig, load_causal_lm, load_tokenizer
 from lit_align.probes import HybridProbe
 from lit_align.probes.candidates import ProbeScorer, build_pairs, select_pairs
-from lit_align.sampling import LeanGenerator
 
 
 def test_select_pairs_top_and_bottom():

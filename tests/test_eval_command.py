@@ -178,8 +178,7 @@ def test_interrupted_generation_resumes_from_cache(tiny_model_dir, shared_data, 
     from lit_align.eval.evaluate import load_for_eval
     from lit_align.eval.generations import _fingerprint, _generate
     from lit_align.eval.prompts import PromptSetConfig, load_prompt_set
-    from lit_align.generation import SamplingConfig
-    from lit_align.sampling import LeanGenerator
+    from lit_align.generation import LeanGenerator, SamplingConfig
 
     rows = load_prompt_set(PromptSetConfig(preset="xstest", path=str(shared_data / "xstest_prompts.csv"), limit=7))
     generator = LeanGenerator(*load_for_eval(str(tiny_model_dir)))

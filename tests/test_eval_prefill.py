@@ -14,8 +14,7 @@ from lit_align.data.render import encode_prompt
 from lit_align.eval.evaluate import evaluate, load_for_eval
 from lit_align.eval.prefill import PrefillConfig, encode_prefilled
 from lit_align.eval.prompts import PromptSetConfig, load_prompt_set
-from lit_align.generation import SamplingConfig
-from lit_align.sampling import LeanGenerator
+from lit_align.generation import LeanGenerator, SamplingConfig
 from lit_align.testing import teach_canned_responses
 
 REFUSAL = "I cannot help with that, sorry."

@@ -11,12 +11,11 @@ import pytest
 import torch
 
 from lit_align.data.datamodule import AlignDataModule
-from lit_align.generation import SamplingConfig
+from lit_align.generation import LeanGenerator, SamplingConfig
 from lit_align.losses.dpo import sft_loss
 from lit_align.models import PolicyConfig, load_causal_lm, load_tokenizer
 from lit_align.modules.online_dpo import OnlineDPOModule, pick_pairs
 from lit_align.probes import HybridProbe, load_probe, select_features
-from lit_align.sampling import LeanGenerator
 
 SAMPLING = SamplingConfig(max_new_tokens=6, temperature=1.0)
 

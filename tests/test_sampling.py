@@ -1,4 +1,4 @@
-"""The lean sampler (lit_align.sampling) against transformers `generate` on the tiny model:
+"""The lean sampler (lit_align.generation.lean) against transformers `generate` on the tiny model:
 greedy ids equal, EOS ends rows, seeds reproduce, filters keep what HF's warpers keep."""
 
 from __future__ import annotations
@@ -11,12 +11,13 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
 
-from lit_align.generation import HFGenerator, SamplingConfig
-import lit_align.sampling as sampling_module
-from lit_align.sampling import (
-    SHARED_PREFIX_ATTENTION, Int8Linear, LeanGenerator, PreallocatedLayer, attention_view, draw, filter_logits,
-    int8_for_generation, outside_nucleus, sample_ids, shared_prefix_attention, shared_prefix_length,
+import lit_align.generation.decoder as decoder_module
+import lit_align.generation.lean as lean_module
+from lit_align.generation import HFGenerator, Int8Linear, LeanGenerator, SamplingConfig, int8_for_generation, sample_ids
+from lit_align.generation.decoder import (
+    SHARED_PREFIX_ATTENTION, PreallocatedLayer, attention_view, shared_prefix_attention, shared_prefix_length,
 )
+from lit_align.generation.logits import draw, filter_logits, outside_nucleus
 
 PROMPTS = [
     "Human: How do I keep my sourdough starter alive while I am away for two weeks?\n\nAssistant:",
@@ -125,7 +126,7 @@ def test_ended_rows_leave_the_forwards_and_no_sample_changes(tiny, monkeypatch, 
     dropped, calls, layers = rows_per_forward(model, run)
     assert calls[1] == 12 and min(calls[1:]) <= 6 and calls[1:] == sorted(calls[1:], reverse=True)
     assert layers == {"DynamicLayer", "PreallocatedLayer"}  # the prefill's cache, then the decode loop's
-    monkeypatch.setattr(sampling_module, "COMPACT_AT", 2.0)  # never drop a row
+    monkeypatch.setattr(lean_module, "COMPACT_AT", 2.0)  # never drop a row
     kept, calls, _ = rows_per_forward(model, run)
     assert set(calls[1:]) == {12}
     assert torch.equal(dropped, kept)
@@ -141,7 +142,7 @@ def test_preallocated_cache_equals_the_concatenated_one(tiny, monkeypatch):
                              torch.Generator().manual_seed(0))
     preallocated, calls, layers = rows_per_forward(model, run)
     assert "PreallocatedLayer" in layers and len(calls) == 30
-    monkeypatch.setattr(sampling_module, "PreallocatedLayer", lambda layer, extra, skip: layer)  # keep DynamicLayer
+    monkeypatch.setattr(decoder_module, "PreallocatedLayer", lambda layer, extra, skip: layer)  # keep DynamicLayer
     concatenated, _, layers = rows_per_forward(model, run)
     assert layers == {"DynamicLayer"}
     assert torch.equal(preallocated, concatenated)
@@ -149,7 +150,7 @@ def test_preallocated_cache_equals_the_concatenated_one(tiny, monkeypatch):
 
 def test_preallocated_layer_writes_in_place():
     keys, values = torch.randn(2, 3, 5, 4), torch.randn(2, 3, 5, 4)
-    layer = sampling_module.DynamicLayer()
+    layer = decoder_module.DynamicLayer()
     layer.update(keys, values)
     assert torch.equal(PreallocatedLayer(layer, extra=3, skip=2).keys, keys[:, :, 2:])
     fast = PreallocatedLayer(layer, extra=3)

@@ -1,4 +1,4 @@
-"""The decode loop's LM head in column blocks (lit_align.generation_linear.ChunkedHead): the same logits as
+"""The decode loop's LM head in column blocks (lit_align.generation.linear.ChunkedHead): the same logits as
 the head, so greedy ids still equal transformers `generate` and a seed still gives the same samples."""
 
 from __future__ import annotations
@@ -7,11 +7,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-import lit_align.generation_linear as linear_module
-import lit_align.sampling as sampling_module
-from lit_align.generation import HFGenerator, SamplingConfig
-from lit_align.generation_linear import ChunkedHead, chunkable_head
-from lit_align.sampling import LeanGenerator, sample_ids
+import lit_align.generation.decoder as decoder_module
+import lit_align.generation.linear as linear_module
+from lit_align.generation import HFGenerator, LeanGenerator, SamplingConfig, sample_ids
+from lit_align.generation.linear import ChunkedHead, chunkable_head
 
 PROMPTS = [
     "Human: How do I keep my sourdough starter alive while I am away for two weeks?\n\nAssistant:",
@@ -111,7 +110,7 @@ def test_seeded_samples_are_those_of_the_plain_head(tiny, monkeypatch):
 
     chunked, calls = decoded_rows(model, run)
     assert calls and calls[0] == 12 and min(calls) < 12  # ended rows left the blocks' matmuls too
-    monkeypatch.setattr(sampling_module, "chunkable_head", lambda model: None)
+    monkeypatch.setattr(decoder_module, "chunkable_head", lambda model: None)
     plain, no_calls = decoded_rows(model, run)
     assert not no_calls and torch.equal(chunked, plain)
 

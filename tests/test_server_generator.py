@@ -13,10 +13,9 @@ import lightning as L
 import pytest
 import torch
 
-from lit_align.generation import HFGenerator, SamplingConfig
+from lit_align.generation import HFGenerator, LeanGenerator, SamplingConfig
 from lit_align.models import PolicyConfig
 from lit_align.modules.grpo_config import GRPOSamplingConfig
-from lit_align.sampling import LeanGenerator
 
 GRPO_DOC = Path(__file__).resolve().parents[1] / "docs" / "grpo.md"
 PROMPTS = ["Tell me about the sea.", "hi"]

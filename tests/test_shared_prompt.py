@@ -6,11 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lit_align.generation import SamplingConfig
+from lit_align.generation import LeanGenerator, SamplingConfig
 from lit_align.losses.grpo import token_logps_and_entropy
 from lit_align.models import LoraArgs, PolicyConfig, add_lora, load_causal_lm, load_tokenizer
 from lit_align.modules.shared_prompt import completion_logits, prompt_groups, shared_prompt_logits, supports_shared_prompt
-from lit_align.sampling import LeanGenerator
 
 PROMPTS = [
     "Human: How do I keep my sourdough starter alive while I am away for two weeks?\n\nAssistant:",

@@ -32,9 +32,8 @@ from tqdm.auto import tqdm
 from lit_align.data.render import render_prompt
 from lit_align.eval.judges import RefusalPhraseJudge
 from lit_align.eval.prompts import PromptSetConfig, load_prompt_set
-from lit_align.generation import SamplingConfig
+from lit_align.generation import LeanGenerator, SamplingConfig
 from lit_align.models import PolicyConfig, load_causal_lm, load_tokenizer
-from lit_align.sampling import LeanGenerator
 
 log = logging.getLogger(__name__)
 

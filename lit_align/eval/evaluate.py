@@ -29,8 +29,7 @@ from lit_align.eval.metrics import summarize, to_jsonable
 from lit_align.eval.prefill import PrefillAttack, PrefillConfig
 from lit_align.eval.prompts import PromptSetConfig, load_prompt_set
 from lit_align.eval.report import write_report
-from lit_align.generation import SamplingConfig
-from lit_align.sampling import LeanGenerator
+from lit_align.generation import LeanGenerator, SamplingConfig
 from lit_align.models import LoraArgs, PolicyConfig, load_causal_lm, load_tokenizer
 
 log = logging.getLogger(__name__)

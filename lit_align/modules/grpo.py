@@ -28,7 +28,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor
 
 from lit_align.checks import ConfigError, check_range
-from lit_align.generation import Generator, HFGenerator
+from lit_align.generation import Generator, HFGenerator, LeanGenerator
 from lit_align.losses.grpo import compute_advantages, grpo_loss, nanstd, token_logps_and_entropy
 from lit_align.models import PolicyConfig
 from lit_align.modules.base import default_optimizer
@@ -36,7 +36,6 @@ from lit_align.modules.grpo_config import GRPOLossConfig, GRPOSamplingConfig, GR
 from lit_align.modules.policy import PolicyModule
 from lit_align.modules.shared_prompt import completion_logits
 from lit_align.rewards import resolve_reward_source, score_completions, unique_names
-from lit_align.sampling import LeanGenerator
 from lit_align.sharding import gathered_parameters
 
 log = logging.getLogger(__name__)

@@ -45,7 +45,7 @@ class GRPOSamplingConfig(SamplingConfig):
     num_generations: int = 8
     """Completions sampled per prompt (the group size G)."""
     backend: Backend = "lean"
-    """`lean` (`lit_align.sampling`: a prompt prefilled once for its G completions, a tight decode
+    """`lean` (`lit_align.generation.lean`: a prompt prefilled once for its G completions, a tight decode
     loop) or `hf` (transformers `generate`: models without a `DynamicCache`). Another sampler (a
     generation server): set `self.generator` in a subclass (docs/grpo.md)."""
     seed: Optional[int] = 0

@@ -161,7 +161,7 @@ class OnlineDPOModule(DPOModule):
     def sample_pairs(self, batch: dict, seed: int) -> tuple[Optional[dict], dict]:
         """A preference batch (AlignDataModule's keys, on this device) from a prompts batch, and its stats;
         None when every pair was left out."""
-        from lit_align.sampling import LeanGenerator
+        from lit_align.generation import LeanGenerator
 
         prompt_ids, prompt_mask = batch["prompt_input_ids"], batch["prompt_attention_mask"]
         out = LeanGenerator(self.policy, self.tokenizer).generate_ids(prompt_ids, prompt_mask, self.sampling, self.num_candidates, seed)

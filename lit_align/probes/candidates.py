@@ -109,7 +109,7 @@ def _sample_candidates(
     generation_batch_size: int, seed: int,
 ) -> list[list[str]]:
     """`num_candidates` responses per prompt, sampled once from the scorer's model (the policy)."""
-    from lit_align.sampling import LeanGenerator
+    from lit_align.generation import LeanGenerator
 
     if num_candidates < 2 * pairs_per_prompt:
         raise ValueError(f"num_candidates={num_candidates} is fewer than the {2 * pairs_per_prompt} that pairs_per_prompt={pairs_per_prompt} needs")

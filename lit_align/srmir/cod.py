@@ -19,8 +19,7 @@ from typing import Literal, Optional
 
 from tqdm.auto import tqdm
 
-from lit_align.generation import Generator, SamplingConfig
-from lit_align.sampling import LeanGenerator
+from lit_align.generation import Generator, LeanGenerator, SamplingConfig
 from lit_align.models import PolicyConfig, load_causal_lm, load_tokenizer
 from lit_align.srmir.categories import CATEGORIES, OTHER, PromptSource, Unmapped, read_prompt_source
 

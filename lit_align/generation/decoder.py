@@ -1,33 +1,8 @@
-"""A lean sampling loop: prefill each prompt once, share its KV cache among its n completions.
-
-For the small models lit_align trains on a CPU, transformers `generate` costs more than the
-tokens it computes: it prefills every prompt n times (once per returned sequence) and runs a
-general-purpose loop (logits processors, stopping criteria, cache and mask bookkeeping) around
-each decoded token. This loop does only what `SamplingConfig` asks for:
-
-    cache  = forward(shared prefix)                 # once, when the B prompts start alike
-    cache  = forward(prompts after it)              # B rows, once
-    cache  = repeat_interleave(cache, n)            # B·n rows share their prompt's keys/values,
-                                                    # in buffers sized for the whole generation
-    repeat up to max_new_tokens times:
-        y_t   = pick(logits)                        # penalty, temperature, top-k, top-p; or argmax
-        y_t   = pad where the row already ended     # rows stop at their first EOS
-        stop when every row has ended (never early under torch.distributed: ranks step together)
-        drop ended rows from the forwards once they are 1/8 of the rows computed
-        logits = forward(y_t, cache)                # keys/values written in place; the LM head in
-                                                    # column blocks (ChunkedHead: same logits, faster)
-
-A shared prefix is common: a chat template's system prompt, or a worked example shown before every
-request (SRMIR's one-shot CoD prompt is 211 SmolLM2 tokens, of which the request is the last ~40).
-
-Greedy decoding gives the token ids of `generate(do_sample=False)` (tests/test_sampling.py).
-Sampling draws from a `torch.Generator` seeded with `generator_seed`, one uniform per row and step
-whether or not the row is still computed, so a step is reproducible without touching the global
-RNG and a row's tokens do not depend on when the others ended. Works with any causal LM that takes
-a `DynamicCache` (Llama, Qwen, Mistral, SmolLM, peft-wrapped ones); anything else: `HFGenerator`.
-`SamplingConfig(dtype="bfloat16")` samples from a bfloat16 copy of the model (`Generator.sampling_model`);
-`int8_for_generation` (opt-in, Python only; in `lit_align.generation_linear` with `ChunkedHead`, both
-re-exported here) swaps a generation-only model's linear layers for int8 ones.
+"""The lean loop's forwards (lit_align.generation.lean): the prompts prefilled with a prefix they
+all share computed once (`prefill`), a KV cache preallocated for the whole generation
+(`PreallocatedLayer`), one-token attention over the shared prefix's keys stored once
+(`shared_prefix_attention`) and the LM head in column blocks (`ChunkedHead`), both on a view of
+the model (`attention_view`), tied together by `Decoder`. The logits equal the plain forward's.
 """
 
 from __future__ import annotations
@@ -41,60 +16,8 @@ from transformers import AttentionInterface, DynamicCache, PretrainedConfig
 from transformers.cache_utils import DynamicLayer
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from lit_align.generation import Completions, Generator, SamplingConfig, completions_from_ids
-from lit_align.generation_linear import ChunkedHead, Int8Linear, chunkable_head, int8_for_generation  # noqa: F401 (re-exported)
+from lit_align.generation.linear import ChunkedHead, chunkable_head
 from lit_align.models import kv_cache
-
-
-def filter_logits(logits: Tensor, sampling: SamplingConfig) -> Tensor:
-    """Temperature, then top-k, then nucleus (top-p): removed tokens get -inf."""
-    logits = logits / sampling.temperature
-    if 0 < sampling.top_k < logits.shape[-1]:
-        kth = logits.topk(sampling.top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if sampling.top_p < 1.0:
-        logits = logits.masked_fill(outside_nucleus(logits, sampling.top_p), float("-inf"))
-    return logits
-
-
-NUCLEUS_CANDIDATES = (64, 1024)  # sorting a 49k vocabulary costs more than the rest of a decode step
-
-
-def outside_nucleus(logits: Tensor, top_p: float) -> Tensor:
-    """The tokens top-p drops: those whose more likely tokens already hold top_p of the mass (the
-    most likely always stays). Each row's nucleus is looked for among its NUCLEUS_CANDIDATES[0]
-    likeliest tokens, which is exact when they hold more than top_p; the rows where they do not
-    try the next count, and the last rows sort the whole vocabulary."""
-    drop = torch.ones_like(logits, dtype=torch.bool)
-    rows = torch.arange(len(logits), device=logits.device)
-    logz = logits.logsumexp(-1, keepdim=True)
-    for k in (*(k for k in NUCLEUS_CANDIDATES if k < logits.shape[-1]), logits.shape[-1]):
-        top, order = logits[rows].topk(k, dim=-1)
-        probs = (top - logz[rows]).exp()
-        mass = probs.cumsum(-1)
-        done = mass[:, -1] > top_p if k < logits.shape[-1] else torch.ones_like(rows, dtype=torch.bool)
-        drop[rows[done]] = drop[rows[done]].scatter(-1, order[done], (mass - probs)[done] > top_p)
-        rows = rows[~done]
-        if not len(rows):
-            return drop
-    return drop
-
-
-def draw(probs: Tensor, uniform: Tensor) -> Tensor:
-    """One token per row by inverting the CDF at `uniform` (one number in [0, 1) per row, `[rows, 1]`):
-    `torch.multinomial` would draw one per vocabulary entry. Zero-probability tokens are never picked."""
-    cdf = probs.cumsum(-1)
-    total = cdf[:, -1:]
-    u = uniform * total
-    u = u.minimum(total.nextafter(torch.zeros_like(total)))  # strictly below the total, even after rounding
-    return torch.searchsorted(cdf, u, right=True).squeeze(1)
-
-
-def penalize_repeats(logits: Tensor, seen: Tensor, penalty: float) -> Tensor:
-    """CTRL's repetition penalty on every token already in the row (prompt or completion)."""
-    scores = logits.gather(1, seen)
-    scores = torch.where(scores < 0, scores * penalty, scores / penalty)
-    return logits.scatter(1, seen, scores)
 
 
 MIN_SHARED_PREFIX = 16  # shorter shared prefixes are not worth a forward of their own
@@ -277,90 +200,3 @@ class Decoder:
         out = self.model(input_ids=token[:, None], attention_mask=mask, position_ids=self.position, **kv_cache(self.cache),
                          use_cache=True, **shared)
         return out.logits[:, -1].float()
-
-
-COMPACT_AT = 1 / 8  # drop ended rows from the forwards once they are this share of the rows computed
-
-
-@torch.no_grad()
-def sample_ids(
-    model,
-    prompt_ids: Tensor,
-    prompt_mask: Tensor,
-    sampling: SamplingConfig,
-    n: int,
-    eos_token_id: int,
-    pad_token_id: int,
-    generator: Optional[torch.Generator] = None,
-    min_shared_prefix: int = MIN_SHARED_PREFIX,
-) -> Tensor:
-    """Completion ids `[B·n, T]` (prompt-major, pad after EOS, T ≤ max_new_tokens) for left-padded prompts.
-
-    The forwards compute only `rows` (indices into the B·n outputs): rows that ended are dropped from
-    the cache, mask and positions once they are `COMPACT_AT` of those computed. Every step still draws
-    one uniform per output row, so a row's sample does not depend on when others were dropped."""
-    cache = DynamicCache(config=model.config)
-    out, mask, positions, prefix = prefill(model, prompt_ids, prompt_mask.long(), cache, min_shared_prefix)
-    cache.batch_repeat_interleave(n)
-    steps = sampling.max_new_tokens
-    decoder = Decoder(model, cache, mask.repeat_interleave(n, 0), positions[:, -1:].repeat_interleave(n, 0), prefix, steps)
-    logits = out.logits[:, -1].float().repeat_interleave(n, 0)
-    seen = prompt_ids.repeat_interleave(n, 0)  # only read with a repetition penalty
-    rows = torch.arange(len(logits), device=logits.device)
-    finished = torch.zeros(len(logits), dtype=torch.bool, device=logits.device)
-    tokens = torch.full((len(logits), steps), pad_token_id, dtype=torch.long, device=logits.device)
-    stop_early = not (torch.distributed.is_available() and torch.distributed.is_initialized())
-    for t in range(steps):
-        if sampling.repetition_penalty != 1.0:
-            logits = penalize_repeats(logits, seen, sampling.repetition_penalty)
-        if sampling.temperature > 0:
-            uniform = torch.rand(len(tokens), 1, generator=generator, device=logits.device)[rows]
-            token = draw(filter_logits(logits, sampling).softmax(-1), uniform)
-        else:
-            token = logits.argmax(-1)
-        token = token.masked_fill(finished[rows], pad_token_id)
-        tokens[rows, t] = token
-        finished[rows] |= token == eos_token_id
-        if t == steps - 1 or (stop_early and bool(finished.all())):
-            return tokens[:, : t + 1]
-        if sampling.repetition_penalty != 1.0:
-            seen = torch.cat([seen, token[:, None]], dim=1)
-        ended = finished[rows]
-        if int(ended.sum()) >= COMPACT_AT * len(rows) and not bool(ended.all()):
-            keep = (~ended).nonzero().squeeze(1)
-            rows, token, seen = rows[keep], token[keep], seen[keep]
-            decoder.keep(keep)
-        logits = decoder(token, t)
-    return tokens[:, :0]
-
-
-class LeanGenerator(Generator):
-    """`Generator` on `sample_ids`: the prompt's KV cache shared by its completions, a tight decode loop."""
-
-    def __init__(self, model, tokenizer):
-        self.model = model
-        self.tokenizer = tokenizer
-
-    def generate_ids(
-        self,
-        prompt_ids: Tensor,
-        prompt_mask: Tensor,
-        sampling: SamplingConfig,
-        num_return_sequences: int = 1,
-        generator_seed: Optional[int] = None,
-    ) -> Completions:
-        model = self.sampling_model(sampling)
-        device = next(model.parameters()).device
-        generator = None
-        if generator_seed is not None:
-            generator = torch.Generator(device).manual_seed(generator_seed)
-        was_training = model.training
-        model.eval()
-        try:
-            ids = sample_ids(
-                model, prompt_ids.to(device), prompt_mask.to(device), sampling, num_return_sequences,
-                self.tokenizer.eos_token_id, self.tokenizer.pad_token_id, generator,
-            )
-        finally:
-            model.train(was_training)
-        return completions_from_ids(self.tokenizer, prompt_ids, prompt_mask, ids, num_return_sequences)

@@ -1,7 +1,7 @@
 """Stand-ins for a model's linear layers while it generates (never while it trains):
 
 * `ChunkedHead`: a float32 LM head computed in column blocks, the same logits (the decode loop's
-  default, `lit_align.sampling.Decoder`);
+  default, `lit_align.generation.decoder.Decoder`);
 * `Int8Linear` / `int8_for_generation`: int8 weights and activations (opt-in, Python only; the
   samples change: docs/benchmarks.md).
 """

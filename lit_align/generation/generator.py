@@ -1,44 +1,27 @@
 """Sampling completions from a causal LM, behind one small interface.
 
-`HFGenerator` wraps Hugging Face `generate` (KV cache, left padding, seeded); `LeanGenerator`
-(lit_align.sampling: our own decode loop, the same greedy tokens, less Python per token and one
-prefill per prompt for its n samples) is what GRPO, build-cod, evaluate and rerank-candidates
-use. Both implement the same two calls: `generate_ids(prompt_ids, prompt_mask, sampling, n, seed)
--> Completions` for training loops and `generate(prompts, ...) -> list[str]` for scripts. An
-external generation server plugs in as a `Generator` subclass (docs/grpo.md, "Generation back ends").
+`Generator` is the interface: `generate_ids(prompt_ids, prompt_mask, sampling, n, seed) -> Completions`
+for training loops and `generate(prompts, ...) -> list[str]` for scripts. A generator that samples
+from a model in this process implements only `completion_ids` (the token ids); `generate_ids` around
+it picks the weights (`sampling.dtype`), puts the model in eval mode for the call and masks and
+decodes the completions. `LeanGenerator` (lit_align.generation.lean: our own decode loop, the same
+greedy tokens, less Python per token and one prefill per prompt for its n samples) is what GRPO,
+build-cod, evaluate and rerank-candidates use; `HFGenerator` (here) wraps Hugging Face `generate`
+(KV cache, left padding, seeded). An external generation server plugs in as a `Generator` subclass
+that implements `generate_ids` itself (docs/grpo.md, "Generation back ends").
 """
 
 from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Literal, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
 from lit_align.data.render import Messages, render_prompt
-
-
-@dataclass
-class SamplingConfig:
-    """How completions are sampled."""
-
-    max_new_tokens: int = 64
-    """Longest completion, in tokens."""
-    temperature: float = 1.0
-    """Softmax temperature; 0 means greedy decoding."""
-    top_p: float = 1.0
-    """Nucleus sampling mass."""
-    top_k: int = 0
-    """Keep only the k most likely tokens (0: off)."""
-    repetition_penalty: float = 1.0
-    """>1 discourages repeating tokens."""
-    dtype: Literal["model", "bfloat16"] = "model"
-    """Weights to sample with: `model` (as they are) or `bfloat16` (a bfloat16 copy of a float32 model,
-    refreshed from its weights at every call: 1.4-1.6x the tokens/s on a CPU; next-token distributions
-    ~0.001 nats/token KL from float32 on SmolLM2-135M, but greedy texts differ; docs/benchmarks.md).
-    Not under torch.distributed."""
+from lit_align.generation.config import SamplingConfig
 
 
 DTYPES = {"bfloat16": torch.bfloat16}
@@ -102,12 +85,15 @@ def completions_from_ids(
 
 
 class Generator:
-    """The interface: subclasses implement `generate_ids`, honouring every `SamplingConfig` field or
-    refusing it (`sampling_model` does `dtype` for generators that run `self.model`)."""
+    """The interface. Subclasses honour every `SamplingConfig` field or refuse it: those that sample
+    from `self.model` implement `completion_ids` (`sampling_model` does `dtype` for them), others
+    (a server) override `generate_ids`."""
 
-    tokenizer = None
-    model = None
     _copy: Optional[tuple[str, torch.nn.Module]] = None  # (dtype, cast_copy(self.model))
+
+    def __init__(self, model=None, tokenizer=None):
+        self.model = model
+        self.tokenizer = tokenizer
 
     def sampling_model(self, sampling: SamplingConfig) -> torch.nn.Module:
         """`self.model`, or its copy in `sampling.dtype` holding its current weights."""
@@ -124,6 +110,7 @@ class Generator:
             refresh_copy(self._copy[1], self.model)
         return self._copy[1]
 
+    @torch.no_grad()
     def generate_ids(
         self,
         prompt_ids: torch.Tensor,
@@ -132,6 +119,22 @@ class Generator:
         num_return_sequences: int = 1,
         generator_seed: Optional[int] = None,
     ) -> Completions:
+        """`num_return_sequences` completions per left-padded prompt, from `completion_ids` on
+        `sampling_model(sampling)` in eval mode (its training mode restored afterwards)."""
+        model = self.sampling_model(sampling)
+        device = next(model.parameters()).device
+        was_training = model.training
+        model.eval()
+        try:
+            ids = self.completion_ids(model, prompt_ids.to(device), prompt_mask.to(device), sampling,
+                                      num_return_sequences, generator_seed)
+        finally:
+            model.train(was_training)
+        return completions_from_ids(self.tokenizer, prompt_ids, prompt_mask, ids, num_return_sequences)
+
+    def completion_ids(self, model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, sampling: SamplingConfig,
+                       n: int, generator_seed: Optional[int]) -> torch.Tensor:
+        """Completion ids `[B·n, T]` from `model` (prompt-major, pad after EOS) for prompts on its device."""
         raise NotImplementedError
 
     def sync_weights(self, model) -> None:
@@ -170,23 +173,8 @@ class Generator:
 class HFGenerator(Generator):
     """Batched Hugging Face generation with left padding and the KV cache."""
 
-    def __init__(self, model, tokenizer):
-        self.model = model
-        self.tokenizer = tokenizer
-
-    @torch.no_grad()
-    def generate_ids(
-        self,
-        prompt_ids: torch.Tensor,
-        prompt_mask: torch.Tensor,
-        sampling: SamplingConfig,
-        num_return_sequences: int = 1,
-        generator_seed: Optional[int] = None,
-    ) -> Completions:
-        model = self.sampling_model(sampling)
-        device = next(model.parameters()).device
-        was_training = model.training
-        model.eval()
+    def completion_ids(self, model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, sampling: SamplingConfig,
+                       n: int, generator_seed: Optional[int]) -> torch.Tensor:
         if generator_seed is not None:
             torch.manual_seed(generator_seed)
         do_sample = sampling.temperature > 0
@@ -195,18 +183,13 @@ class HFGenerator(Generator):
             kwargs.update(temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k)
         if sampling.repetition_penalty != 1.0:
             kwargs["repetition_penalty"] = sampling.repetition_penalty
-        eos = self.tokenizer.eos_token_id
         out = model.generate(
-            input_ids=prompt_ids.to(device),
-            attention_mask=prompt_mask.to(device),
-            num_return_sequences=num_return_sequences,
-            eos_token_id=eos,
+            input_ids=prompt_ids,
+            attention_mask=prompt_mask,
+            num_return_sequences=n,
+            eos_token_id=self.tokenizer.eos_token_id,
             pad_token_id=self.tokenizer.pad_token_id,
             use_cache=True,
             **kwargs,
         )
-        if was_training:
-            model.train()
-        return completions_from_ids(
-            self.tokenizer, prompt_ids, prompt_mask, out[:, prompt_ids.shape[1] :], num_return_sequences
-        )
+        return out[:, prompt_ids.shape[1] :]
