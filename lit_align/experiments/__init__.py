@@ -4,7 +4,7 @@ Names load lazily: a fit that only needs `CostMeter` does not import the report'
 
 from __future__ import annotations
 
-import importlib
+from lit_align.lazy import lazy_exports
 
 _EXPORTS = {
     "AblationInputs": "lit_align.experiments.ablate",
@@ -19,8 +19,4 @@ _EXPORTS = {
 
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'lit_align.experiments' has no attribute {name!r}")
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
