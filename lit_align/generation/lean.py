@@ -72,29 +72,33 @@ def sample_ids(
     decoder = Decoder(model, cache, mask.repeat_interleave(n, 0), positions[:, -1:].repeat_interleave(n, 0), prefix, steps)
     logits = out.logits[:, -1].float().repeat_interleave(n, 0)
     seen = prompt_ids.repeat_interleave(n, 0)  # only read with a repetition penalty
-    rows = torch.arange(len(logits), device=logits.device)
-    finished = torch.zeros(len(logits), dtype=torch.bool, device=logits.device)
+    rows = None  # all output rows, until ended ones are dropped (then their indices)
+    ended = torch.zeros(len(logits), dtype=torch.bool, device=logits.device)  # of the rows computed
     tokens = torch.full((len(logits), steps), pad_token_id, dtype=torch.long, device=logits.device)
     stop_early = not (torch.distributed.is_available() and torch.distributed.is_initialized())
     for t in range(steps):
         if sampling.repetition_penalty != 1.0:
             logits = penalize_repeats(logits, seen, sampling.repetition_penalty)
         if sampling.temperature > 0:
-            uniform = torch.rand(len(tokens), 1, generator=generator, device=logits.device)[rows]
-            token = draw(filter_logits(logits, sampling).softmax(-1), uniform)
+            uniform = torch.rand(len(tokens), 1, generator=generator, device=logits.device)
+            token = draw(filter_logits(logits, sampling).softmax(-1), uniform if rows is None else uniform[rows])
         else:
             token = logits.argmax(-1)
-        token = token.masked_fill(finished[rows], pad_token_id)
-        tokens[rows, t] = token
-        finished[rows] |= token == eos_token_id
-        if t == steps - 1 or (stop_early and bool(finished.all())):
+        token = token.masked_fill(ended, pad_token_id)
+        if rows is None:  # plain column writes while no row was dropped (index_put costs more per token)
+            tokens[:, t] = token
+        else:
+            tokens[rows, t] = token
+        ended = ended | (token == eos_token_id)
+        done = int(ended.sum())  # the only host sync per token; dropped rows had all ended
+        if t == steps - 1 or (stop_early and done == len(ended)):
             return tokens[:, : t + 1]
         if sampling.repetition_penalty != 1.0:
             seen = torch.cat([seen, token[:, None]], dim=1)
-        ended = finished[rows]
-        if int(ended.sum()) >= COMPACT_AT * len(rows) and not bool(ended.all()):
+        if done >= COMPACT_AT * len(ended) and done < len(ended):
             keep = (~ended).nonzero().squeeze(1)
-            rows, token, seen = rows[keep], token[keep], seen[keep]
+            rows = keep if rows is None else rows[keep]
+            token, seen, ended = token[keep], seen[keep], ended[keep]
             decoder.keep(keep)
         logits = decoder(token, t)
     return tokens[:, :0]

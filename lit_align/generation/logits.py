@@ -12,7 +12,8 @@ from lit_align.generation.config import SamplingConfig
 
 def filter_logits(logits: Tensor, sampling: SamplingConfig) -> Tensor:
     """Temperature, then top-k, then nucleus (top-p): removed tokens get -inf."""
-    logits = logits / sampling.temperature
+    if sampling.temperature != 1.0:  # x / 1 is x: skip a pass over the vocabulary
+        logits = logits / sampling.temperature
     if 0 < sampling.top_k < logits.shape[-1]:
         kth = logits.topk(sampling.top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))

@@ -1,0 +1,85 @@
+"""`llama_decode_step` (lit_align.generation.decoder): the lean loop's decode forward of a Llama
+without transformers' per-call wrappers gives bit-for-bit the model's own logits."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
+
+from lit_align.generation.decoder import Decoder, inlinable, prefill
+
+SYSTEM = "You are a careful assistant. Answer briefly and kindly, and refuse anything harmful. "
+PROMPTS = ["Human: hi\n\nAssistant:", "Human: Write a short poem about rain on a tin roof.\n\nAssistant:"]
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir):
+    return AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval(), AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+def gqa_model(model):
+    """The tiny Llama with 2 key/value heads for its 4 query heads (grouped-query attention)."""
+    config = copy.deepcopy(model.config)
+    config.num_key_value_heads = 2
+    torch.manual_seed(1)
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+def decoders(model, ids, mask, n=3, steps=12, min_prefix=16):
+    """Two decoders over identical caches: the inlined step and the model's forward."""
+    out = []
+    for inline in (True, False):
+        cache = DynamicCache(config=model.config)
+        first, m, positions, prefix = prefill(model, ids, mask, cache, min_prefix)
+        cache.batch_repeat_interleave(n)
+        decoder = Decoder(model, cache, m.repeat_interleave(n, 0), positions[:, -1:].repeat_interleave(n, 0), prefix, steps)
+        assert decoder.inline, "the tiny Llama takes the inlined step"
+        decoder.inline = inline
+        out.append(decoder)
+    return out, first.logits[:, -1].repeat_interleave(n, 0), prefix
+
+
+@pytest.mark.parametrize("variant", ["mha", "gqa", "shared_prefix", "bfloat16"])
+@torch.no_grad()
+def test_inlined_decode_step_equals_the_models_forward(tiny, variant):
+    model, tokenizer = tiny
+    model = gqa_model(model) if variant == "gqa" else copy.deepcopy(model)
+    torch.manual_seed(2)
+    for name, p in model.named_parameters():  # distinct norms (they start as ones), so swapping two shows
+        if "norm" in name:
+            p.data.uniform_(0.5, 1.5)
+    model = model.to(torch.bfloat16) if variant == "bfloat16" else model
+    prompts = [SYSTEM * 2 + p for p in PROMPTS] if variant == "shared_prefix" else PROMPTS
+    tokenizer.padding_side = "left"
+    enc = tokenizer(prompts, padding=True, return_tensors="pt", add_special_tokens=False)
+    (inline, plain), logits, prefix = decoders(model, enc["input_ids"], enc["attention_mask"])
+    assert (prefix >= 16) == (variant == "shared_prefix")
+    generator = torch.Generator().manual_seed(0)
+    for t in range(12):
+        token = torch.multinomial(logits.float().softmax(-1), 1, generator=generator).squeeze(1)
+        if t == 6:  # drop a row, as the loop does when rows end
+            keep = torch.tensor([0, 2, 3, 5])
+            token, _ = token[keep], [d.keep(keep) for d in (inline, plain)]
+        logits, expected = inline(token, t), plain(token, t)
+        assert torch.equal(logits, expected), f"step {t}"
+
+
+def test_hooks_and_training_mode_take_the_models_forward(tiny):
+    """The inlined step skips the outer modules' forward, so their hooks would not run: with a hook
+    (or in training mode) the model's own forward is used."""
+    model, _ = tiny
+    assert inlinable(model)
+    handle = model.model.layers[0].register_forward_pre_hook(lambda module, args: None)
+    try:
+        assert not inlinable(model)
+    finally:
+        handle.remove()
+    model.train()
+    try:
+        assert not inlinable(model)
+    finally:
+        model.eval()
+    assert inlinable(model)
