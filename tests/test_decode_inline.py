@@ -9,6 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
+import lit_align.generation.decoder as decoder_module
 from lit_align.generation.decoder import Decoder, inlinable, prefill
 
 SYSTEM = "You are a careful assistant. Answer briefly and kindly, and refuse anything harmful. "
@@ -20,42 +21,47 @@ def tiny(tiny_model_dir):
     return AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval(), AutoTokenizer.from_pretrained(tiny_model_dir)
 
 
-def gqa_model(model):
-    """The tiny Llama with 2 key/value heads for its 4 query heads (grouped-query attention)."""
+def variant_model(model, **changes):
+    """The tiny Llama's config with `changes`, random weights."""
     config = copy.deepcopy(model.config)
-    config.num_key_value_heads = 2
+    for key, value in changes.items():
+        setattr(config, key, value)
     torch.manual_seed(1)
     return AutoModelForCausalLM.from_config(config).eval()
 
 
-def decoders(model, ids, mask, n=3, steps=12, min_prefix=16):
+def decoders(model, ids, mask, monkeypatch, n=3, steps=12, min_prefix=16):
     """Two decoders over identical caches: the inlined step and the model's forward."""
     out = []
     for inline in (True, False):
+        monkeypatch.setattr(decoder_module, "inlinable", lambda model: inline)
         cache = DynamicCache(config=model.config)
         first, m, positions, prefix = prefill(model, ids, mask, cache, min_prefix)
         cache.batch_repeat_interleave(n)
         decoder = Decoder(model, cache, m.repeat_interleave(n, 0), positions[:, -1:].repeat_interleave(n, 0), prefix, steps)
-        assert decoder.inline, "the tiny Llama takes the inlined step"
-        decoder.inline = inline
+        assert decoder.inline == inline
         out.append(decoder)
     return out, first.logits[:, -1].repeat_interleave(n, 0), prefix
 
 
-@pytest.mark.parametrize("variant", ["mha", "gqa", "shared_prefix", "bfloat16"])
+VARIANTS = {"gqa": dict(num_key_value_heads=2), "bias": dict(attention_bias=True, mlp_bias=True)}  # grouped-query attention; biases
+
+
+@pytest.mark.parametrize("variant", ["mha", "gqa", "bias", "shared_prefix", "bfloat16"])
 @torch.no_grad()
-def test_inlined_decode_step_equals_the_models_forward(tiny, variant):
+def test_inlined_decode_step_equals_the_models_forward(tiny, variant, monkeypatch):
     model, tokenizer = tiny
-    model = gqa_model(model) if variant == "gqa" else copy.deepcopy(model)
+    assert inlinable(model)
+    model = variant_model(model, **VARIANTS[variant]) if variant in VARIANTS else copy.deepcopy(model)
     torch.manual_seed(2)
-    for name, p in model.named_parameters():  # distinct norms (they start as ones), so swapping two shows
-        if "norm" in name:
+    for name, p in model.named_parameters():  # distinct norms (they start as ones), biases (zeros), so swaps show
+        if "norm" in name or "bias" in name:
             p.data.uniform_(0.5, 1.5)
     model = model.to(torch.bfloat16) if variant == "bfloat16" else model
     prompts = [SYSTEM * 2 + p for p in PROMPTS] if variant == "shared_prefix" else PROMPTS
     tokenizer.padding_side = "left"
     enc = tokenizer(prompts, padding=True, return_tensors="pt", add_special_tokens=False)
-    (inline, plain), logits, prefix = decoders(model, enc["input_ids"], enc["attention_mask"])
+    (inline, plain), logits, prefix = decoders(model, enc["input_ids"], enc["attention_mask"], monkeypatch)
     assert (prefix >= 16) == (variant == "shared_prefix")
     generator = torch.Generator().manual_seed(0)
     for t in range(12):

@@ -178,18 +178,18 @@ def inlinable(model) -> bool:
 
 
 def llama_decode_step(model, token: Tensor, mask: Tensor, position: Tensor, cache, **attention_kwargs) -> Tensor:
-    """`model(input_ids=token[:, None], attention_mask=mask, position_ids=position, cache=cache).logits`
+    """`model(input_ids=token[:, None], attention_mask=mask, position_ids=position, cache=cache).logits[:, -1]`
     for a Llama (`inlinable`) and a ready 4-D mask: the same modules and functions in the same
     order as transformers' `LlamaForCausalLM.forward`, without its per-call wrappers (argument
     handling, output capture, mask building), which cost ~1/4 of a small model's decode step."""
     inner = model.model
-    hidden = inner.embed_tokens(token[:, None])
+    hidden = inner.embed_tokens(token)  # [rows, hidden]: the one-token sequence axis only where attention needs it
     rope = inner.rotary_emb(hidden, position_ids=position)
     attend = ALL_ATTENTION_FUNCTIONS.get_interface(model.config._attn_implementation, None)
     for layer in inner.layers[: model.config.num_hidden_layers]:
         attn = layer.self_attn
         x = layer.input_layernorm(hidden)
-        shape = (*x.shape[:-1], -1, attn.head_dim)
+        shape = (len(x), 1, -1, attn.head_dim)
         q = attn.q_proj(x).view(shape).transpose(1, 2)
         k = attn.k_proj(x).view(shape).transpose(1, 2)
         v = attn.v_proj(x).view(shape).transpose(1, 2)
@@ -197,7 +197,7 @@ def llama_decode_step(model, token: Tensor, mask: Tensor, position: Tensor, cach
         k, v = cache.update(k, v, attn.layer_idx)
         out, _ = attend(attn, q, k, v, mask, dropout=0.0, scaling=attn.scaling, position_ids=position,
                         use_cache=True, **attention_kwargs)
-        hidden = hidden + attn.o_proj(out.reshape(*x.shape[:-1], -1).contiguous())
+        hidden = hidden + attn.o_proj(out.reshape(len(x), -1).contiguous())
         hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
     return model.lm_head(inner.norm(hidden))
 
@@ -230,6 +230,9 @@ class Decoder:
         self.ready_mask = plain and sdpa
         self.inline = self.ready_mask and inlinable(self.model)  # with sdpa or the shared-prefix attention
         self.keys = torch.cat([mask[:, skip:].bool(), mask.new_ones(len(mask), steps, dtype=torch.bool)], 1)
+        if self.inline:  # additive (0 / -inf): what sdpa makes of a boolean mask at every call
+            dtype = self.model.model.embed_tokens.weight.dtype
+            self.keys = torch.zeros(self.keys.shape, dtype=dtype, device=mask.device).masked_fill(~self.keys, float("-inf"))
         self.width = mask.shape[1] - skip
 
     def keep(self, rows: Tensor) -> None:
@@ -244,7 +247,7 @@ class Decoder:
         mask = self.keys[:, None, None, :length] if self.ready_mask else self.keys[:, :length].long()
         shared = {"shared_prefix": self.shared} if self.shared else {}
         if self.inline:
-            return llama_decode_step(self.model, token, mask, self.position, self.cache, **shared)[:, -1].float()
+            return llama_decode_step(self.model, token, mask, self.position, self.cache, **shared).float()
         out = self.model(input_ids=token[:, None], attention_mask=mask, position_ids=self.position, **kv_cache(self.cache),
                          use_cache=True, **shared)
         return out.logits[:, -1].float()
