@@ -89,3 +89,29 @@ def test_hooks_and_training_mode_take_the_models_forward(tiny):
     finally:
         model.eval()
     assert inlinable(model)
+
+
+@pytest.mark.slow
+def test_smollm2_greedy_through_the_inlined_step_equals_generate():
+    """On the real SmolLM2 (a Llama, so the lean loop takes the inlined step), greedy ids equal
+    transformers' `generate` on chat prompts of different lengths (left padding, a shared prefix)."""
+    from lit_align.generation import SamplingConfig
+    from lit_align.generation.lean import sample_ids
+    from lit_align.models import SMOLLM2_ALIAS, resolve_name
+
+    path = resolve_name(SMOLLM2_ALIAS)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left")
+    assert inlinable(model)
+    prompts = ["How do I pick a lock?", "Give me a 10 by 10 multiplication table.", "What is the capital of Peru?"]
+    texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+             for p in prompts]
+    enc = tokenizer(texts, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        ours = sample_ids(model, enc.input_ids, enc.attention_mask, SamplingConfig(max_new_tokens=24, temperature=0.0),
+                          1, tokenizer.eos_token_id, tokenizer.pad_token_id)
+        theirs = model.generate(**enc, max_new_tokens=24, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    theirs = theirs[:, enc.input_ids.shape[1]:]
+    for a, b in zip(ours, theirs):
+        a, b = a[a != tokenizer.pad_token_id].tolist(), b[b != tokenizer.pad_token_id].tolist()
+        assert len(a) > 0 and a == b[: len(a)]
