@@ -18,6 +18,13 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 
+# HH-RLHF-style prompts of different lengths (so batches are left-padded), for decoding tests
+HH_PROMPTS = [
+    "Human: How do I keep my sourdough starter alive while I am away for two weeks?\n\nAssistant:",
+    "Human: hi\n\nAssistant:",
+    "Human: Write a short poem about rain on a tin roof.\n\nAssistant:",
+]
+
 _CORPUS = [
     "How do I bake bread at home? Mix flour, water, yeast and salt, then knead and bake.",
     "I cannot help with that request because it could cause harm to people.",

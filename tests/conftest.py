@@ -64,3 +64,11 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     from lit_align.testing import make_tiny_model
 
     return make_tiny_model(tmp_path_factory.mktemp("tiny_model"))
+
+
+@pytest.fixture(scope="module")
+def tiny_lm(tiny_model_dir):
+    """The tiny model (eval mode) and its tokenizer, loaded once per test module."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    return AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval(), AutoTokenizer.from_pretrained(tiny_model_dir)

@@ -11,14 +11,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
 import lit_align.generation.decoder as decoder_module
 from lit_align.generation.decoder import Decoder, inlinable, prefill
+from lit_align.testing import HH_PROMPTS
 
 SYSTEM = "You are a careful assistant. Answer briefly and kindly, and refuse anything harmful. "
-PROMPTS = ["Human: hi\n\nAssistant:", "Human: Write a short poem about rain on a tin roof.\n\nAssistant:"]
-
-
-@pytest.fixture(scope="module")
-def tiny(tiny_model_dir):
-    return AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval(), AutoTokenizer.from_pretrained(tiny_model_dir)
+PROMPTS = HH_PROMPTS[1:]  # two of different lengths
 
 
 def variant_model(model, **changes):
@@ -49,8 +45,8 @@ VARIANTS = {"gqa": dict(num_key_value_heads=2), "bias": dict(attention_bias=True
 
 @pytest.mark.parametrize("variant", ["mha", "gqa", "bias", "shared_prefix", "bfloat16"])
 @torch.no_grad()
-def test_inlined_decode_step_equals_the_models_forward(tiny, variant, monkeypatch):
-    model, tokenizer = tiny
+def test_inlined_decode_step_equals_the_models_forward(tiny_lm, variant, monkeypatch):
+    model, tokenizer = tiny_lm
     assert inlinable(model)
     model = variant_model(model, **VARIANTS[variant]) if variant in VARIANTS else copy.deepcopy(model)
     torch.manual_seed(2)
@@ -73,10 +69,10 @@ def test_inlined_decode_step_equals_the_models_forward(tiny, variant, monkeypatc
         assert torch.equal(logits, expected), f"step {t}"
 
 
-def test_hooks_and_training_mode_take_the_models_forward(tiny):
+def test_hooks_and_training_mode_take_the_models_forward(tiny_lm):
     """The inlined step skips the outer modules' forward, so their hooks would not run: with a hook
     (or in training mode) the model's own forward is used."""
-    model, _ = tiny
+    model, _ = tiny_lm
     assert inlinable(model)
     handle = model.model.layers[0].register_forward_pre_hook(lambda module, args: None)
     try:

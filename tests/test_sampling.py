@@ -18,26 +18,16 @@ from lit_align.generation.decoder import (
     SHARED_PREFIX_ATTENTION, PreallocatedLayer, attention_view, shared_prefix_attention, shared_prefix_length,
 )
 from lit_align.generation.logits import draw, filter_logits, outside_nucleus
+from lit_align.testing import HH_PROMPTS
 
-PROMPTS = [
-    "Human: How do I keep my sourdough starter alive while I am away for two weeks?\n\nAssistant:",
-    "Human: hi\n\nAssistant:",
-    "Human: Write a short poem about rain on a tin roof.\n\nAssistant:",
-]
+PROMPTS = HH_PROMPTS
 
 
-@pytest.fixture(scope="module")
-def tiny(tiny_model_dir):
-    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
-    return model, tokenizer
-
-
-def eos_prone(tiny, bias: float):
+def eos_prone(tiny_lm, bias: float):
     """The tiny model with a bias towards EOS in its LM head, so rows end at different steps."""
-    model, tokenizer = tiny
+    model, tokenizer = tiny_lm
     model = AutoModelForCausalLM.from_config(model.config).eval()
-    model.load_state_dict(tiny[0].state_dict())
+    model.load_state_dict(tiny_lm[0].state_dict())
     head = torch.nn.Linear(model.config.hidden_size, model.config.vocab_size, bias=True)
     with torch.no_grad():
         head.weight.copy_(model.lm_head.weight)
@@ -55,21 +45,21 @@ def both(model, tokenizer, sampling, n=1, seed=0):
 
 
 @pytest.mark.parametrize("penalty", [1.0, 1.3])
-def test_greedy_ids_equal_generate(tiny, penalty):
-    hf, lean = both(*tiny, SamplingConfig(max_new_tokens=24, temperature=0.0, repetition_penalty=penalty))
+def test_greedy_ids_equal_generate(tiny_lm, penalty):
+    hf, lean = both(*tiny_lm, SamplingConfig(max_new_tokens=24, temperature=0.0, repetition_penalty=penalty))
     assert torch.equal(hf.completion_ids, lean.completion_ids)
     assert hf.texts == lean.texts
 
 
-def test_greedy_with_eos_equals_generate(tiny):
-    hf, lean = both(*eos_prone(tiny, 0.1), SamplingConfig(max_new_tokens=24, temperature=0.0))
+def test_greedy_with_eos_equals_generate(tiny_lm):
+    hf, lean = both(*eos_prone(tiny_lm, 0.1), SamplingConfig(max_new_tokens=24, temperature=0.0))
     assert lean.completion_mask.sum(1).min() < 24 and lean.truncated.any()  # some rows end early, some do not
     for field in ("completion_ids", "completion_mask", "truncated", "prompt_ids", "prompt_mask"):
         assert torch.equal(getattr(hf, field), getattr(lean, field)), field
 
 
-def test_sampling_is_seeded_and_ends_rows_at_eos(tiny):
-    model, tokenizer = eos_prone(tiny, 1.0)  # most rows end before 40 tokens, a few do not
+def test_sampling_is_seeded_and_ends_rows_at_eos(tiny_lm):
+    model, tokenizer = eos_prone(tiny_lm, 1.0)  # most rows end before 40 tokens, a few do not
     lean = LeanGenerator(model, tokenizer)
     ids, mask = lean.encode_prompts(PROMPTS)
     sampling = SamplingConfig(max_new_tokens=40, temperature=1.0, top_p=0.95, top_k=50)
@@ -91,7 +81,7 @@ def test_sampling_is_seeded_and_ends_rows_at_eos(tiny):
         else:  # the mask covers the completion up to and including its first EOS; pads follow
             assert row[length - 1] == eos and eos not in row[: length - 1].tolist()
             assert (row[length:] == pad).all()
-    ended = LeanGenerator(*eos_prone(tiny, 2.5)).generate_ids(ids, mask, sampling, 4, generator_seed=7)
+    ended = LeanGenerator(*eos_prone(tiny_lm, 2.5)).generate_ids(ids, mask, sampling, 4, generator_seed=7)
     assert not ended.truncated.any()  # every row ended: decoding stopped at the last row's EOS
     assert ended.completion_ids.shape[1] == int(ended.completion_mask.sum(1).max()) < 40
 
@@ -112,10 +102,10 @@ def rows_per_forward(model, fn):
 
 
 @pytest.mark.parametrize("temperature, eos_bias", [(0.0, 0.1), (1.0, 2.0)])
-def test_ended_rows_leave_the_forwards_and_no_sample_changes(tiny, monkeypatch, temperature, eos_bias):
+def test_ended_rows_leave_the_forwards_and_no_sample_changes(tiny_lm, monkeypatch, temperature, eos_bias):
     """Rows that ended are dropped from the decode forwards (they shrink), and every row's tokens
     are those of the loop that computes all rows to the end: one uniform per row and step either way."""
-    model, tokenizer = eos_prone(tiny, eos_bias)
+    model, tokenizer = eos_prone(tiny_lm, eos_bias)
     ids, mask = LeanGenerator(model, tokenizer).encode_prompts(PROMPTS)
     sampling = SamplingConfig(max_new_tokens=40, temperature=temperature, top_p=0.95)
 
@@ -134,8 +124,8 @@ def test_ended_rows_leave_the_forwards_and_no_sample_changes(tiny, monkeypatch, 
     assert len(set(is_eos.int().argmax(1)[is_eos.any(1)].tolist())) >= 2  # rows end at different steps
 
 
-def test_preallocated_cache_equals_the_concatenated_one(tiny, monkeypatch):
-    model, tokenizer = tiny
+def test_preallocated_cache_equals_the_concatenated_one(tiny_lm, monkeypatch):
+    model, tokenizer = tiny_lm
     ids, mask = LeanGenerator(model, tokenizer).encode_prompts(PROMPTS)
     sampling = SamplingConfig(max_new_tokens=30, temperature=1.0, top_k=20)
     run = lambda: sample_ids(model, ids, mask, sampling, 2, tokenizer.eos_token_id, tokenizer.pad_token_id,
@@ -191,8 +181,8 @@ def test_int8_linear_is_its_formula_and_close_to_float():
     assert torch.equal(Int8Linear(linear)(x[2:3]), y[2:3])  # a row's output does not depend on the others
 
 
-def test_int8_model_generates_close_to_float(tiny):
-    model, tokenizer = tiny
+def test_int8_model_generates_close_to_float(tiny_lm):
+    model, tokenizer = tiny_lm
     quantized = AutoModelForCausalLM.from_config(model.config).eval()
     quantized.load_state_dict(model.state_dict())
     int8_for_generation(quantized)
@@ -214,12 +204,12 @@ def shared_system_prompts(generator):
     return generator.encode_prompts([[{"role": "system", "content": SYSTEM}, {"role": "user", "content": p}] for p in PROMPTS])
 
 
-def test_shared_prefix_is_prefilled_once_and_greedy_equals_generate(tiny):
+def test_shared_prefix_is_prefilled_once_and_greedy_equals_generate(tiny_lm):
     """Prompts behind one long system message: the prefix is prefilled once, each row's rest after
     it (left-padded), the decode steps read the prefix's keys once through shared-prefix attention
     (on a view of the model: the model's own config still says sdpa), and greedy decoding still
     gives transformers' ids."""
-    model, tokenizer = tiny
+    model, tokenizer = tiny_lm
     lean, hf = LeanGenerator(model, tokenizer), HFGenerator(model, tokenizer)
     ids, mask = shared_system_prompts(lean)
     prefix = shared_prefix_length(ids, mask)
@@ -246,11 +236,11 @@ def test_shared_prefix_is_prefilled_once_and_greedy_equals_generate(tiny):
         assert torch.equal(run(16), run(10**9))  # the prefix in every row's cache, read by sdpa
 
 
-def test_shared_prefix_with_lora_greedy_equals_generate(tiny):
+def test_shared_prefix_with_lora_greedy_equals_generate(tiny_lm):
     """The attention view of a peft-wrapped model runs its LoRA layers (random ones: they matter)."""
     from peft import LoraConfig, get_peft_model
 
-    model, tokenizer = tiny
+    model, tokenizer = tiny_lm
     base = AutoModelForCausalLM.from_config(model.config).eval()
     base.load_state_dict(model.state_dict())
     torch.manual_seed(0)
@@ -263,8 +253,8 @@ def test_shared_prefix_with_lora_greedy_equals_generate(tiny):
     assert not torch.equal(out, LeanGenerator(model, tokenizer).generate_ids(ids, mask, sampling).completion_ids)
 
 
-def test_attention_view_leaves_models_reading_other_configs_alone(tiny):
-    model, _ = tiny
+def test_attention_view_leaves_models_reading_other_configs_alone(tiny_lm):
+    model, _ = tiny_lm
     other = AutoModelForCausalLM.from_config(model.config)
     view = attention_view(other, SHARED_PREFIX_ATTENTION)
     assert view.model.layers[0].self_attn.config._attn_implementation == SHARED_PREFIX_ATTENTION
@@ -362,10 +352,10 @@ def bfloat16_runs(model, tokenizer, sampling, n):
 
 
 @pytest.mark.parametrize("temperature, n", [(0.0, 1), (1.0, 2)])
-def test_bfloat16_sampling_is_the_bfloat16_checkpoints_and_seeded(tiny, temperature, n):
+def test_bfloat16_sampling_is_the_bfloat16_checkpoints_and_seeded(tiny_lm, temperature, n):
     """`dtype: bfloat16` samples what the checkpoint loaded in bfloat16 samples (same seed, same ids;
     HF generate on the copy too), the same again at the next call, and leaves the model float32."""
-    model, tokenizer = tiny
+    model, tokenizer = tiny_lm
     before = {k: v.clone() for k, v in model.state_dict().items()}
     sampling = SamplingConfig(max_new_tokens=24, temperature=temperature, top_p=0.9)
     lean, copied, loaded = bfloat16_runs(model, tokenizer, sampling, n)
@@ -380,10 +370,10 @@ def test_bfloat16_sampling_is_the_bfloat16_checkpoints_and_seeded(tiny, temperat
     assert all(torch.equal(v, before[k]) and v.dtype == before[k].dtype for k, v in model.state_dict().items())
 
 
-def test_bfloat16_greedy_differs_from_float32_only_at_near_ties(tiny):
+def test_bfloat16_greedy_differs_from_float32_only_at_near_ties(tiny_lm):
     """Where a greedy row of the bfloat16 copy leaves float32's, both took their own model's top
     token after the same prefix, and float32's two candidates were closer than bfloat16 resolves."""
-    model, tokenizer = tiny
+    model, tokenizer = tiny_lm
     lean = LeanGenerator(model, tokenizer)
     ids, mask = lean.encode_prompts(PROMPTS)
     greedy = SamplingConfig(max_new_tokens=24, temperature=0.0)
@@ -402,10 +392,10 @@ def test_bfloat16_greedy_differs_from_float32_only_at_near_ties(tiny):
         assert 0 <= f32[x] - f32[y] < 2**-7 * f32.abs().max()
 
 
-def test_bfloat16_copy_follows_the_models_weights_and_hooks(tiny):
+def test_bfloat16_copy_follows_the_models_weights_and_hooks(tiny_lm):
     """The copy is made once; every call writes the model's current weights into it, and hooks on the
     model (a cost meter's) see the copy's forwards until removed."""
-    model, tokenizer = tiny
+    model, tokenizer = tiny_lm
     model = copy.deepcopy(model)
     lean = LeanGenerator(model, tokenizer)
     ids, mask = lean.encode_prompts(PROMPTS)
@@ -426,8 +416,8 @@ def test_bfloat16_copy_follows_the_models_weights_and_hooks(tiny):
     assert len(calls) == 12
 
 
-def test_bfloat16_copy_is_refused_under_torch_distributed(tiny, tmp_path):
-    model, tokenizer = tiny
+def test_bfloat16_copy_is_refused_under_torch_distributed(tiny_lm, tmp_path):
+    model, tokenizer = tiny_lm
     lean = LeanGenerator(model, tokenizer)
     ids, mask = lean.encode_prompts(PROMPTS)
     torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)

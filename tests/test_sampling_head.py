@@ -11,17 +11,9 @@ import lit_align.generation.decoder as decoder_module
 import lit_align.generation.linear as linear_module
 from lit_align.generation import HFGenerator, LeanGenerator, SamplingConfig, sample_ids
 from lit_align.generation.linear import ChunkedHead, chunkable_head
+from lit_align.testing import HH_PROMPTS
 
-PROMPTS = [
-    "Human: How do I keep my sourdough starter alive while I am away for two weeks?\n\nAssistant:",
-    "Human: hi\n\nAssistant:",
-    "Human: Write a short poem about rain on a tin roof.\n\nAssistant:",
-]
-
-
-@pytest.fixture(scope="module")
-def tiny(tiny_model_dir):
-    return AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval(), AutoTokenizer.from_pretrained(tiny_model_dir)
+PROMPTS = HH_PROMPTS
 
 
 def with_head_bias(model, eos: int, bias: float):
@@ -51,8 +43,8 @@ def test_chunked_head_gives_the_heads_logits(monkeypatch, bias, rows):
         assert out.shape == (rows, 1, 2500) and torch.equal(out, head(x))
 
 
-def test_only_plain_float32_heads_wider_than_a_block_are_chunked(tiny, monkeypatch):
-    model, _ = tiny
+def test_only_plain_float32_heads_wider_than_a_block_are_chunked(tiny_lm, monkeypatch):
+    model, _ = tiny_lm
     assert model.config.vocab_size <= linear_module.HEAD_CHUNK and chunkable_head(model) is None
     monkeypatch.setattr(linear_module, "HEAD_CHUNK", 100)
     assert chunkable_head(model) is model.lm_head
@@ -79,8 +71,8 @@ def decoded_rows(model, run):
 
 
 @pytest.mark.parametrize("bias", [False, True])
-def test_greedy_with_the_chunked_head_equals_generate(tiny, monkeypatch, bias):
-    model, tokenizer = tiny
+def test_greedy_with_the_chunked_head_equals_generate(tiny_lm, monkeypatch, bias):
+    model, tokenizer = tiny_lm
     if bias:
         model = with_head_bias(model, tokenizer.eos_token_id, 0.1)
     monkeypatch.setattr(linear_module, "HEAD_CHUNK", 100)  # several blocks over the tiny vocabulary
@@ -97,8 +89,8 @@ def test_greedy_with_the_chunked_head_equals_generate(tiny, monkeypatch, bias):
         assert out.completion_mask.sum(1).min() < 24  # some rows ended early
 
 
-def test_seeded_samples_are_those_of_the_plain_head(tiny, monkeypatch):
-    model, tokenizer = tiny
+def test_seeded_samples_are_those_of_the_plain_head(tiny_lm, monkeypatch):
+    model, tokenizer = tiny_lm
     model = with_head_bias(model, tokenizer.eos_token_id, 1.0)
     ids, mask = LeanGenerator(model, tokenizer).encode_prompts(PROMPTS)
     sampling = SamplingConfig(max_new_tokens=40, temperature=1.0, top_p=0.9)

@@ -15,7 +15,6 @@ from torch import Tensor
 from transformers import AttentionInterface, DynamicCache, PretrainedConfig
 from transformers.cache_utils import DynamicLayer
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llama.modeling_llama import (
     LlamaAttention, LlamaDecoderLayer, LlamaForCausalLM, LlamaModel, apply_rotary_pos_emb,
